@@ -1,0 +1,79 @@
+"""Task generators: exact answers (checked independently), determinism, difficulty, disjoint splits."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from tsched.data import tasks
+from tsched.verify import verifiers
+
+
+def independent_answer(p: tasks.Problem) -> str:
+    """Recomputes the answer from the problem text alone, without the generator's code."""
+    if p.family in ("arith", "mult"):
+        expr = re.fullmatch(r"Compute ([0-9+\-*]+)\.", p.problem).group(1)
+        if p.family == "mult":
+            a, b = map(int, expr.split("*"))
+            return str(a * b)
+        nums = list(map(int, re.findall(r"\d+", expr)))
+        ops = re.findall(r"[+-]", expr)
+        return str(nums[0] + sum(n if o == "+" else -n for o, n in zip(ops, nums[1:])))
+    if p.family == "gcd":
+        a, b = map(int, re.findall(r"\d+", p.problem))
+        return str(math.gcd(a, b))
+    nums = list(map(int, re.findall(r"\d+", p.problem)))
+    return " ".join(map(str, sorted(nums)))
+
+
+@pytest.mark.parametrize("family", sorted(tasks.FAMILIES))
+@pytest.mark.parametrize("difficulty", [1, 2, 4, 8])
+def test_answers_are_exact_and_solutions_end_with_them(family, difficulty):
+    rng = np.random.default_rng(difficulty)
+    for _ in range(50):
+        p = tasks.FAMILIES[family](rng, difficulty)
+        assert p.answer == independent_answer(p), p
+        assert p.solution.endswith(tasks.ANSWER_PREFIX + p.answer)
+        # the family's own verifier accepts the reference solution and rejects a wrong answer
+        assert verifiers.VERIFIERS[p.verifier](p.solution, p.answer) == (1.0, "ok")
+        assert verifiers.VERIFIERS[p.verifier](p.solution + "\nAnswer: 123456789", p.answer)[0] == 0.0
+
+
+def test_every_step_of_an_arith_solution_is_correct():
+    p = tasks.arith(np.random.default_rng(0), 8)
+    for lhs, rhs in re.findall(r"(-?\d+[+-]\d+)=(-?\d+)\.", p.solution):
+        a, op, b = re.fullmatch(r"(-?\d+)([+-])(\d+)", lhs).groups()
+        assert int(a) + (int(b) if op == "+" else -int(b)) == int(rhs)
+
+
+def test_difficulty_lengthens_reasoning():
+    rng = np.random.default_rng(1)
+    for family in tasks.FAMILIES:
+        short = np.mean([len(tasks.FAMILIES[family](rng, 1).solution) for _ in range(40)])
+        long = np.mean([len(tasks.FAMILIES[family](rng, 8).solution) for _ in range(40)])
+        assert long > 1.5 * short, family
+    # the long-trace regime: arith at difficulty 8 writes 8 steps before its answer
+    assert tasks.arith(rng, 8).solution.count("=") == 8
+
+
+def test_splits_are_deterministic_and_disjoint():
+    a_train, a_eval = tasks.make_splits(["arith", "sort"], 1, 3, 500, 100, seed=3)
+    b_train, b_eval = tasks.make_splits(["arith", "sort"], 1, 3, 500, 100, seed=3)
+    assert a_train == b_train and a_eval == b_eval
+    assert len({p.problem for p in a_eval}) == 100
+    assert not {p.problem for p in a_eval} & {p.problem for p in a_train}
+    c_train, _ = tasks.make_splits(["arith", "sort"], 1, 3, 500, 100, seed=4)
+    assert c_train != a_train
+    assert {p.family for p in a_train} == {"arith", "sort"}
+    assert {p.difficulty for p in a_train} == {1, 2, 3}
+
+
+def test_too_small_task_space_fails_clearly():
+    with pytest.raises(ValueError, match="too small"):
+        tasks.make_splits(["gcd"], 1, 1, 100000, 10, seed=0)
+
+
+def test_unknown_family_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed"):
+        tasks.parse_families("arith,nope")

@@ -1,0 +1,35 @@
+import os
+
+import numpy as np
+
+from tsched.data import tasks
+from tsched.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_or_train, train_tokenizer
+
+
+def corpus(n=300):
+    train, _ = tasks.make_splits(list(tasks.FAMILIES), 1, 4, n, 10, seed=0)
+    return [t for p in train for t in (p.problem, p.solution)]
+
+
+def test_round_trip_and_digit_splitting(tmp_path):
+    texts = corpus()
+    tok = train_tokenizer(texts, str(tmp_path / "tok.model"), vocab_size=64)
+    assert tok.pad_id == PAD_ID and tok.eos_id == EOS_ID
+    for t in texts[:200]:
+        assert tok.decode(tok.encode(t)) == t
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode("Compute 1234+567.")]
+    assert all(len(p.strip("▁")) <= 1 for p in pieces if any(c.isdigit() for c in p))
+    # decode stops at eos and drops padding
+    ids = tok.encode("Answer: 42")
+    assert tok.decode([PAD_ID] + ids + [EOS_ID] + tok.encode("junk")) == "Answer: 42"
+
+
+def test_cached_model_is_reused_and_any_model_path_loads(tmp_path):
+    path = str(tmp_path / "cache" / "tok.model")
+    a = load_or_train("", path, corpus(100), 64)
+    mtime = os.path.getmtime(path)
+    b = load_or_train("", path, iter(["never read"]), 64)  # cached: not retrained
+    assert os.path.getmtime(path) == mtime and b.vocab_size == a.vocab_size
+    c = load_or_train(path, str(tmp_path / "unused.model"), [], 64)
+    assert isinstance(c, Tokenizer) and not os.path.exists(tmp_path / "unused.model")
+    assert c.encode("gcd(12,8)") == a.encode("gcd(12,8)")

@@ -1,0 +1,120 @@
+"""End to end on CPU: a few-step run writes everything it promises, and a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tsched.config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {
+    "data.families": "arith,sort", "data.max_difficulty": 2, "data.train_size": 400, "data.eval_size": 40,
+    "data.prompt_len": 20, "data.max_solution_tokens": 40, "tokenizer.vocab_size": 48,
+    "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 8,
+    "model.ffn_dim": 64, "sft.steps": 20, "sft.batch_size": 16, "sft.warmup_steps": 2,
+    "rl.steps": 8, "rl.prompts_per_step": 4, "rl.group_size": 4, "rl.max_new_tokens": 40,
+    "eval.num_problems": 40, "eval.batch_size": 20, "train.checkpoint_every": 2, "train.log_every": 2,
+    "train.progress": False, "verify.num_workers": 1,
+}
+
+
+def config(tmp, name):
+    cfg = base_config()
+    for k, v in OVERRIDES.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    cfg.run_dir = str(tmp / name)
+    cfg.data.data_dir = str(tmp / "tfds")
+    return cfg
+
+
+def cli(cfg, **extra):
+    args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    args += [f"--config.run_dir={cfg.run_dir}", f"--config.data.data_dir={cfg.data.data_dir}"]
+    args += [f"--config.{k}={v}" for k, v in extra.items()]
+    return [sys.executable, "-m", "tsched.main", "--config=configs/default.py", *args]
+
+
+def final_params(run_dir, step):
+    tree = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "ckpt", "rl", str(step), "state"))
+    return tree
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tsched.train import trainer
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = config(tmp, "full")
+    return tmp, cfg, trainer.run(cfg)
+
+
+def test_few_step_run_writes_summary_logs_and_checkpoints(uninterrupted):
+    _, cfg, path = uninterrupted
+    summary = json.load(open(path))
+    for key in ("eval_accuracy_before_rl", "eval_accuracy_after_rl", "eval_problems", "wall_time_s"):
+        assert key in summary
+    assert summary["eval_problems"] == 40
+    assert 0.0 <= summary["eval_accuracy_after_rl"] <= 1.0
+    rows = [json.loads(ln) for ln in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == list(range(1, 9))
+    assert rl[0]["magnitude"] > rl[-1]["magnitude"]  # the schedule moved
+    for key in ("reward", "tokens_optimized_frac", "entropy_last10", "kl_bin9", "clip_frac", "sample_s"):
+        assert key in rl[0]
+    assert os.path.exists(os.path.join(cfg.run_dir, "curves.png"))
+    assert os.listdir(os.path.join(cfg.run_dir, "tb"))
+    assert sorted(os.listdir(os.path.join(cfg.run_dir, "ckpt", "rl"))) == ["6", "8"]
+
+
+def test_killed_run_resumes_to_the_same_parameters(uninterrupted):
+    tmp, full_cfg, _ = uninterrupted
+    cfg = config(tmp, "killed")
+    proc = subprocess.Popen(cli(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(cfg.run_dir, "ckpt", "rl", "2")
+    deadline = time.monotonic() + 600
+    while not os.path.isdir(ckpt) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(s) for s in os.listdir(os.path.dirname(ckpt)) if s.isdigit())
+    assert done and done[-1] < 8, f"the run was not interrupted mid-RL: checkpoints {done}"
+
+    out = subprocess.run(cli(cfg, **{"train.resume": True}), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed RL at step {done[-1]}" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == os.path.join(cfg.run_dir, "summary.json")
+
+    a, b = final_params(full_cfg.run_dir, 8), final_params(cfg.run_dir, 8)
+    flat_a, flat_b = (sorted(_flatten(t).items()) for t in (a, b))
+    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+    for (k, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(x, y, err_msg=k)  # bitwise
+    rows = [json.loads(ln) for ln in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["phase"] == "rl"] == list(range(1, 9))
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: np.asarray(tree)}

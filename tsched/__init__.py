@@ -1,0 +1,1 @@
+"""tsched: temporal scheduling of token-level credit allocation for RLVR, in JAX/Flax."""

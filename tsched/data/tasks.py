@@ -1,0 +1,130 @@
+"""Built-in verifiable task families: each problem comes with an exact answer and a step-by-step solution.
+
+Every family is one function `(rng, difficulty) -> Problem`, registered in `FAMILIES`. Solutions write
+intermediate results out and end with `Answer: <answer>`, which is what the verifiers extract. The
+difficulty knob lengthens the reasoning: `arith` at difficulty d has d steps of about 13 tokens each, so
+difficulty 8 gives traces of over 100 tokens with the answer only at the end, the regime the paper's
+trajectory-percentile schedule is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+ANSWER_PREFIX = "Answer: "
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    family: str
+    difficulty: int
+    problem: str  # the prompt text
+    solution: str  # step-by-step reference solution, ending with ANSWER_PREFIX + answer
+    answer: str
+    verifier: str  # name of the verifier in tsched.verify that checks this family
+
+
+def arith(rng: np.random.Generator, difficulty: int) -> Problem:
+    """Chain of difficulty+1 two-digit numbers joined by + and -, evaluated left to right."""
+    nums = rng.integers(1, 100, size=difficulty + 1)
+    ops = rng.choice(["+", "-"], size=difficulty)
+    expr = str(nums[0]) + "".join(f"{o}{n}" for o, n in zip(ops, nums[1:]))
+    acc, steps = int(nums[0]), []
+    for o, n in zip(ops, nums[1:]):
+        new = acc + int(n) if o == "+" else acc - int(n)
+        steps.append(f"{acc}{o}{n}={new}.")
+        acc = new
+    return Problem("arith", difficulty, f"Compute {expr}.", " ".join(steps) + f" {ANSWER_PREFIX}{acc}",
+                   str(acc), "numeric")
+
+
+def mult(rng: np.random.Generator, difficulty: int) -> Problem:
+    """A (difficulty+1)-digit number times a digit, by schoolbook multiplication with carries."""
+    a = int(rng.integers(10 ** difficulty, 10 ** (difficulty + 1)))
+    b = int(rng.integers(2, 10))
+    digits = [int(d) for d in str(a)][::-1]
+    carry, steps = 0, []
+    for i, d in enumerate(digits):
+        v = d * b + carry
+        term = f"{d}*{b}+{carry}" if carry else f"{d}*{b}"
+        if i == len(digits) - 1:
+            steps.append(f"{term}={v}.")
+        else:
+            steps.append(f"{term}={v}, write {v % 10} carry {v // 10}.")
+        carry = v // 10
+    return Problem("mult", difficulty, f"Compute {a}*{b}.", " ".join(steps) + f" {ANSWER_PREFIX}{a * b}",
+                   str(a * b), "numeric")
+
+
+def gcd(rng: np.random.Generator, difficulty: int) -> Problem:
+    """Greatest common divisor by Euclid's algorithm, one `a mod b` step at a time."""
+    hi = int(10 ** (1 + 0.5 * difficulty))
+    g = int(rng.integers(1, max(2, hi // 10)))
+    a, b = sorted((int(rng.integers(1, hi // g + 1)) * g for _ in range(2)), reverse=True)
+    if a == b:
+        a += g
+    x, y, steps = a, b, []
+    while y:
+        steps.append(f"{x} mod {y}={x % y}.")
+        x, y = y, x % y
+    return Problem("gcd", difficulty, f"Find gcd({a},{b}).", " ".join(steps) + f" {ANSWER_PREFIX}{x}",
+                   str(x), "numeric")
+
+
+def sort(rng: np.random.Generator, difficulty: int) -> Problem:
+    """Sort difficulty+2 numbers ascending by repeatedly taking the minimum of what is left."""
+    nums = [int(v) for v in rng.integers(0, 100, size=difficulty + 2)]
+    rest, steps = list(nums), []
+    while rest:
+        m = min(rest)
+        rest.remove(m)
+        steps.append(f"min {m}.")
+    answer = " ".join(str(v) for v in sorted(nums))
+    return Problem("sort", difficulty, "Sort " + " ".join(map(str, nums)) + ".",
+                   " ".join(steps) + f" {ANSWER_PREFIX}{answer}", answer, "exact")
+
+
+FAMILIES: dict[str, Callable[[np.random.Generator, int], Problem]] = {
+    "arith": arith, "mult": mult, "gcd": gcd, "sort": sort}
+
+
+def parse_families(spec: str) -> list[str]:
+    names = [f.strip() for f in spec.split(",") if f.strip()]
+    for n in names:
+        if n not in FAMILIES:
+            raise ValueError(f"unknown task family {n!r}; allowed: {sorted(FAMILIES)}")
+    return names
+
+
+def _stream(families: list[str], min_d: int, max_d: int, seed: int, stream: int) -> Iterator[Problem]:
+    rng = np.random.default_rng([seed, stream])
+    while True:
+        fam = families[int(rng.integers(len(families)))]
+        yield FAMILIES[fam](rng, int(rng.integers(min_d, max_d + 1)))
+
+
+def make_splits(families: list[str], min_difficulty: int, max_difficulty: int, train_size: int,
+                eval_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic train / eval splits; no eval problem text appears in train, none repeats in eval."""
+    evals, seen = [], set()
+    limit = 50 * (eval_size + train_size) + 1000  # small spaces (e.g. difficulty 1 only) must not loop forever
+    for i, p in enumerate(_stream(families, min_difficulty, max_difficulty, seed, 1)):
+        if len(evals) == eval_size or i > limit:
+            break
+        if p.problem not in seen:
+            seen.add(p.problem)
+            evals.append(p)
+    train = []
+    for i, p in enumerate(_stream(families, min_difficulty, max_difficulty, seed, 2)):
+        if len(train) == train_size or i > limit:
+            break
+        if p.problem not in seen:
+            train.append(p)
+    if len(evals) < eval_size or len(train) < train_size:
+        raise ValueError(f"task space too small for {eval_size} unique eval + {train_size} train problems "
+                         f"(families={families}, difficulty {min_difficulty}..{max_difficulty})")
+    return train, evals
+

@@ -1,0 +1,77 @@
+"""Credit allocation criteria: which response tokens are optimized, and with how much advantage.
+
+`allocate(strategy, r, advantages, response_mask, entropies, cfg) -> (loss_mask [N, T], token_adv [N, T])`
+with r the schedule magnitude (`tsched.rl.schedules`). r = 0 gives plain GRPO for every strategy.
+`response_mask` says which tokens are valid; the returned `loss_mask` says which are selected; the
+loss normaliser (selected or valid tokens) is chosen in `tsched.rl.losses`, never here.
+
+    uniform      every valid token, sequence advantage broadcast (GRPO)
+    tp           trajectory percentile: response of L tokens, the first min(floor(r L), L - 1) are context
+    forking      per response the ceil((1 - r) n) highest-entropy valid tokens (ties: earlier token first)
+    entropy_adv  A' = A + r min(alpha sg(H), |A| / kappa) on every valid token (Cheng et al. 2506.14758)
+    off_policy   the schedule acts on the prompt (a reference-solution prefix, see tsched.data), so the
+                 sampled tokens get uniform credit
+
+Counts use float32 products of r with lengths, as the jitted loss computes them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+CRITERIA: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        CRITERIA[name] = fn
+        return fn
+    return deco
+
+
+def _lengths(mask):
+    return jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+@register("uniform")
+def uniform(r, adv, mask, entropies, cfg):
+    return mask, adv[:, None] * mask
+
+
+@register("off_policy")
+def off_policy(r, adv, mask, entropies, cfg):
+    return uniform(r, adv, mask, entropies, cfg)
+
+
+@register("tp")
+def trajectory_percentile(r, adv, mask, entropies, cfg):
+    L = _lengths(mask)
+    cut = jnp.minimum(jnp.floor(r * L.astype(jnp.float32)).astype(jnp.int32), L - 1)
+    selected = mask & (jnp.arange(mask.shape[1])[None, :] >= cut[:, None])
+    return selected, adv[:, None] * selected
+
+
+@register("forking")
+def forking(r, adv, mask, entropies, cfg):
+    n = _lengths(mask)
+    keep = jnp.clip(jnp.ceil((1.0 - r) * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
+    # rank of each token by entropy within its row (0 = highest); padding ranks last
+    order = jnp.argsort(jnp.where(mask, -entropies, jnp.inf), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    selected = mask & (rank < keep[:, None])
+    return selected, adv[:, None] * selected
+
+
+@register("entropy_adv")
+def entropy_adv(r, adv, mask, entropies, cfg):
+    bonus = jnp.minimum(cfg.alpha * jax.lax.stop_gradient(entropies), jnp.abs(adv)[:, None] / cfg.kappa)
+    return mask, (adv[:, None] + r * bonus) * mask
+
+
+def allocate(strategy: str, r, advantages, response_mask, entropies, cfg):
+    """advantages [N], response_mask [N, T] bool, entropies [N, T] -> (loss_mask [N, T] bool, token_adv [N, T])."""
+    response_mask = response_mask.astype(bool)
+    return CRITERIA[strategy](r, advantages, response_mask, entropies, cfg)

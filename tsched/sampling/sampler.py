@@ -1,0 +1,107 @@
+"""The jitted sampler: one prefill over the prompts, then a `lax.while_loop` decode over a KV cache.
+
+No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
+same cache slot P + i at decode step i; rows that emitted EOS keep writing padding until all rows are
+done or `max_new_tokens` is reached. The prompt is prefilled once and its cache repeated G times for
+the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tsched import model as model_lib
+from tsched.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    num_samples: int = 1  # G samples per prompt
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets logits outside the top-k and outside the top-p nucleus to -inf; logits [..., V]."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # A token is kept if the mass strictly before it is below top_p, so the top token always is.
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _next_token(logits: jax.Array, key: jax.Array, scfg: SamplingConfig):
+    """Samples from logits [N, V]; returns (token [N], its log-prob under logits / temperature [N])."""
+    if scfg.temperature == 0:
+        tok = jnp.argmax(logits, axis=-1)
+        return tok, jnp.zeros(tok.shape, jnp.float32)
+    scaled = logits / scfg.temperature
+    tok = jax.random.categorical(key, filter_logits(scaled, scfg.top_k, scfg.top_p), axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok, logp
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, prompt_lens: jax.Array,
+           rng: jax.Array) -> dict:
+    """prompts [B, P] (left-padded), prompt_lens [B] -> completions for N = B * G rows.
+
+    Returns tokens [N, T] (EOS included, padding after), lengths [N] (tokens up to and including EOS),
+    logp [N, T] (log-prob of each sampled token at the sampling temperature, 0 on padding).
+    """
+    B, P = prompts.shape
+    G, T = scfg.num_samples, scfg.max_new_tokens
+    S = P + T
+    slots = jnp.arange(S)
+
+    # ---- prefill the prompts once
+    pad_len = P - prompt_lens  # [B]
+    valid = slots[None, :P] >= pad_len[:, None]  # [B, P]
+    mask = (slots[None, :P, None] >= slots[None, None, :]) & (slots[None, None, :] >= pad_len[:, None, None])
+    positions = jnp.maximum(slots[None, :P] - pad_len[:, None], 0) * valid
+    cache = model_lib.init_cache(cfg, B, S)
+    logits, cache = model_lib.apply_cached(cfg, params, prompts, positions, mask, cache, 0)
+
+    # ---- G copies of every prompt's cache and last logits
+    cache = jax.tree.map(lambda c: jnp.repeat(c, G, axis=1), cache)
+    last = jnp.repeat(logits[:, -1], G, axis=0)  # [N, V]
+    pad_len = jnp.repeat(pad_len, G)
+    N = B * G
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < T) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, last, done, lengths, tokens, logps = state
+        tok, logp = _next_token(last, jax.random.fold_in(rng, i), scfg)
+        tok = jnp.where(done, scfg.pad_id, tok).astype(jnp.int32)
+        logp = jnp.where(done, 0.0, logp)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | (tok == scfg.eos_id)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
+        slot = P + i
+        step_mask = ((slots <= slot)[None, :] & (slots[None, :] >= pad_len[:, None]))[:, None, :]
+        logits, cache = model_lib.apply_cached(cfg, params, tok[:, None], (slot - pad_len)[:, None], step_mask,
+                                               cache, slot)
+        return i + 1, cache, logits[:, 0], done, lengths, tokens, logps
+
+    state = (jnp.int32(0), cache, last, jnp.zeros(N, bool), jnp.zeros(N, jnp.int32),
+             jnp.full((N, T), scfg.pad_id, jnp.int32), jnp.zeros((N, T), jnp.float32))
+    _, _, _, _, lengths, tokens, logps = jax.lax.while_loop(cond, body, state)
+    return {"tokens": tokens, "lengths": lengths, "logp": logps}

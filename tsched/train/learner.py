@@ -1,0 +1,174 @@
+"""The update steps, each one pure jitted function of (state, batch): SFT and the scheduled RL update.
+
+The RL update is where the paper's idea lives: `r = schedule(step)` is computed from the traced step
+counter, the credit criterion turns it into a token mask / token advantages, and PPO-clip or GSPO with
+the configured aggregation gives the loss, all inside one `jax.jit` that compiles once for every step.
+
+State (everything a resume needs besides the data iterator): {'params', 'opt_state', 'step', 'rng'}.
+Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsched import model as model_lib
+from tsched.rl import advantages as adv_lib
+from tsched.rl import credit, losses, schedules
+
+KL_BINS = 10  # trajectory-percentile bins of the KL-to-initial-policy metric
+STAGES = {"first10": (0.0, 0.1), "mid45_55": (0.45, 0.55), "last10": (0.9, 1.0)}
+
+
+def make_optimizer(lr: float, max_grad_norm: float, warmup_steps: int = 0, total_steps: int = 0):
+    if warmup_steps and total_steps:
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr, b1=0.9, b2=0.99,
+                                                                            weight_decay=0.0))
+
+
+def init_state(params, tx, rng=None) -> dict:
+    """rng: a PRNG key; kept as raw key data so the state is a plain array pytree for Orbax."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    if rng is not None:
+        state["rng"] = jax.random.key_data(rng)
+    return state
+
+
+def join(prompts, prompt_lens, completions, lengths):
+    """-> tokens [N, P+T], valid [N, P+T], response_mask [N, T], with prompts repeated to N rows."""
+    G = completions.shape[0] // prompts.shape[0]
+    P, T = prompts.shape[1], completions.shape[1]
+    prompts, prompt_lens = jnp.repeat(prompts, G, axis=0), jnp.repeat(prompt_lens, G)
+    response_mask = jnp.arange(T)[None, :] < lengths[:, None]
+    valid = jnp.concatenate([jnp.arange(P)[None, :] >= (P - prompt_lens)[:, None], response_mask], axis=1)
+    return jnp.concatenate([prompts, completions], axis=1), valid, response_mask
+
+
+def token_stats(model_cfg, params, tokens, valid, P: int, temperature: float = 1.0):
+    """log-prob of each completion token and the entropy of its distribution, at `temperature`.
+
+    tokens, valid [N, P+T] -> logp [N, T], entropy [N, T]; H = logsumexp(z) - sum softmax(z) z, z = logits / temp.
+    """
+    logits = model_lib.forward(model_cfg, params, tokens, valid)[:, P - 1:-1] / temperature
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = tokens[:, P:]
+    logp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - lse
+    entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    return logp, entropy
+
+
+def _apply(tx, state, grads):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+            "step": state["step"] + 1}
+
+
+def make_sft_step(model_cfg, tx):
+    """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens)."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def sft_step(state, prompts, prompt_lens, targets, target_lens):
+        tokens, valid, mask = join(prompts, prompt_lens, targets, target_lens)
+
+        def loss_fn(params):
+            logp, _ = token_stats(model_cfg, params, tokens, valid, prompts.shape[1])
+            return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        return _apply(tx, state, grads), {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return sft_step
+
+
+def _stage_masks(mask):
+    """Token position as a fraction of its response length; masks [N, T] per trajectory stage."""
+    L = jnp.sum(mask, -1, keepdims=True).astype(jnp.float32)
+    frac = jnp.arange(mask.shape[1])[None, :] / jnp.maximum(L, 1.0)
+    return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
+
+
+def make_rl_step(cfg, model_cfg, tx):
+    """The jitted RL update `(state, ref_params, prompts, prompt_lens, completions, lengths, rewards)`.
+
+    `ref_params` (the initial policy) is used for the KL penalty and the KL-by-percentile metric; pass
+    None to skip that extra forward pass. Returns (new state, metrics dict of float32 scalars).
+    """
+    rl, ccfg = cfg.rl, cfg.rl.credit
+    M = rl.micro_batches
+    log_ratio_fn = losses.LOG_RATIOS[rl.loss]
+
+    def micro(params, ref_params, r, mb):
+        tokens, valid, mask, adv, P = mb["tokens"], mb["valid"], mb["mask"], mb["adv"], mb["P"]
+        logp, entropy_with_grad = token_stats(model_cfg, params, tokens, valid, P, rl.temperature)
+        # On-policy single update: the sampling policy is the current one, so old log-probs are the
+        # current ones without gradient (ratio = 1 in value) and no separate scoring pass is needed.
+        old_logp = jax.lax.stop_gradient(logp)
+        entropy = jax.lax.stop_gradient(entropy_with_grad)
+        loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, entropy, ccfg)
+        norm_mask = loss_mask if ccfg.normalizer == "selected_tokens" else mask
+        per_token, clipped = losses.clipped_objective(log_ratio_fn(logp, old_logp, loss_mask), token_adv,
+                                                      rl.clip_low, rl.clip_high, rl.dual_clip)
+        sums = {}
+        if ref_params is not None:
+            ref_logp, _ = token_stats(model_cfg, ref_params, tokens, valid, P, rl.temperature)
+            kl_tok = losses.kl(logp, jax.lax.stop_gradient(ref_logp), rl.kl_estimator)
+            if rl.kl_coef:
+                per_token = per_token + rl.kl_coef * kl_tok
+            frac, _ = _stage_masks(mask)
+            bins = jnp.clip((frac * KL_BINS).astype(jnp.int32), 0, KL_BINS - 1)
+            onehot = jax.nn.one_hot(bins, KL_BINS) * mask[..., None]
+            sums["kl_bins"] = (jnp.einsum("ntb,nt->b", onehot, jax.lax.stop_gradient(kl_tok)), onehot.sum((0, 1)))
+        if rl.entropy_coef:
+            per_token = per_token - rl.entropy_coef * entropy_with_grad
+        num, den = losses.aggregate(per_token, loss_mask, norm_mask, rl.aggregation)
+
+        f32 = lambda x: x.astype(jnp.float32)
+        _, stages = _stage_masks(mask)
+        sums.update({
+            "tokens_optimized_frac": (jnp.sum(f32(loss_mask)), jnp.sum(f32(mask))),
+            "entropy": (jnp.sum(entropy * mask), jnp.sum(f32(mask))),
+            "clip_frac": (jnp.sum(f32(clipped & loss_mask)), jnp.sum(f32(loss_mask))),
+            **{f"entropy_{k}": (jnp.sum(entropy * m), jnp.sum(f32(m))) for k, m in stages.items()},
+        })
+        return num, (den, sums)
+
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def rl_step(state, ref_params, prompts, prompt_lens, completions, lengths, rewards):
+        step = state["step"] + 1  # the schedule's step counter starts at 1
+        r = schedules.magnitude(step, rl.schedule)
+        adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
+        tokens, valid, mask = join(prompts, prompt_lens, completions, lengths)
+        P = prompts.shape[1]
+        split = lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:])
+        mbs = {"tokens": split(tokens), "valid": split(valid), "mask": split(mask), "adv": split(adv)}
+
+        def body(carry, mb):
+            grads, num, den, sums = carry
+            (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(state["params"], ref_params, r, {**mb, "P": P})
+            return (jax.tree.map(jnp.add, grads, g), num + n, den + d, jax.tree.map(jnp.add, sums, s)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: micro(state["params"], ref_params, r, {**jax.tree.map(lambda x: x[0], mbs), "P": P})[1][1]))
+        (grads, num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
+        den = jnp.maximum(den, 1e-8)
+        grads = jax.tree.map(lambda g: g / den, grads)
+        new_state = _apply(tx, state, grads)
+        metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
+        if "kl_bins" in metrics:
+            metrics.update({f"kl_bin{i}": metrics["kl_bins"][i] for i in range(KL_BINS)})
+            del metrics["kl_bins"]
+        metrics.update({
+            "loss": num / den, "magnitude": r, "grad_norm": optax.global_norm(grads),
+            "reward": jnp.mean(rewards), "zero_var_groups": zero_var,
+            "response_len": jnp.mean(lengths.astype(jnp.float32)),
+        })
+        return new_state, metrics
+
+    return rl_step

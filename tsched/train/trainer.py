@@ -1,0 +1,219 @@
+"""The RLVR run: data and tokenizer, SFT warm start, evaluation, scheduled RL, evaluation, summary.
+
+Resume order (`train.resume=True` on the same run_dir): the tokenizer and dataset are found on disk; the
+SFT result is restored from `ckpt/sft` (it is also the reference policy); the RL state, RNG key and data
+iterator state from the latest `ckpt/rl` step; RL continues at the next step with the same batches and
+the same per-step sampling keys (`fold_in(key, step)`), so the result equals an uninterrupted run.
+Without resume, an existing run_dir is moved aside (never deleted) and the run starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from tsched import model as model_lib
+from tsched import sharding
+from tsched.config import validate
+from tsched.data import pipeline, tokenizer as tok_lib
+from tsched.sampling.sampler import SamplingConfig, sample
+from tsched.train import learner
+from tsched.train.checkpoint import Checkpointer
+from tsched.train.metrics import MetricsWriter, plot_curves, summary_line
+from tsched.verify.pool import STATUSES, VerifierPool
+
+
+def _prepare_run_dir(cfg) -> None:
+    if os.path.isdir(cfg.run_dir) and not cfg.train.resume and os.listdir(cfg.run_dir):
+        aside = f"{cfg.run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(cfg.run_dir, aside)
+        print(f"run_dir {cfg.run_dir} existed and train.resume=False: moved it to {aside}")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+
+
+def _score(pool, tok, tokens, lengths, answers, verifiers):
+    """Detokenize completions [N, T] and verify them -> (rewards [N] float32, verdicts)."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    texts = [tok.decode(tokens[i, : lengths[i]]) for i in range(len(tokens))]
+    verdicts = pool.score(texts, list(answers), list(verifiers))
+    return np.array([v.reward for v in verdicts], np.float32), verdicts
+
+
+def verify_metrics(verdicts) -> dict:
+    lat = np.array([v.latency_s for v in verdicts])
+    out = {f"verify_{s}": float(np.mean([v.status == s for v in verdicts])) for s in STATUSES}
+    out.update(verify_latency_p50_s=float(np.percentile(lat, 50)), verify_latency_p99_s=float(np.percentile(lat, 99)))
+    return out
+
+
+def evaluate(model_cfg, scfg: SamplingConfig, params, batches, tok, pool, key) -> dict:
+    """Accuracy over the eval batches (one sample per problem; temperature 0 = greedy), overall and per family."""
+    correct, families = [], []
+    for i, b in enumerate(batches):
+        out = sample(model_cfg, scfg, params, jnp.asarray(b["prompt"]), jnp.asarray(b["prompt_len"]),
+                     jax.random.fold_in(key, i))
+        rewards, _ = _score(pool, tok, out["tokens"], out["lengths"], b["answer"], b["verifier"])
+        correct += list(rewards[b["valid"]] == 1.0)
+        families += list(b["family"][b["valid"]])
+    correct, families = np.array(correct), np.array(families)
+    return {"accuracy": float(correct.mean()), "problems": int(len(correct)),
+            "per_family": {f: float(correct[families == f].mean()) for f in sorted(set(families))}}
+
+
+def run(cfg) -> str:
+    """Runs the configured experiment; returns the path of its summary.json."""
+    t_start = time.time()
+    validate(cfg)
+    _prepare_run_dir(cfg)
+    run_dir = cfg.run_dir
+
+    # ---- Data and tokenizer
+    splits = pipeline.open_splits(cfg)
+    tok = tok_lib.load_or_train(cfg.tokenizer.model_path, os.path.join(run_dir, "tokenizer.model"),
+                                pipeline.corpus(splits["train"]), cfg.tokenizer.vocab_size)
+    model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+    P, T = cfg.data.prompt_len, cfg.rl.max_new_tokens
+    rl_encode = pipeline.Encode(tok.path, P)
+    eval_batches = pipeline.eval_batches(splits["eval"], rl_encode, cfg.eval.num_problems, cfg.eval.batch_size)
+
+    # ---- Model, sharded over the mesh
+    mesh = sharding.make_mesh(cfg.mesh)
+    param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
+    key = jax.random.key(cfg.seed)
+    params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_shardings)(
+        jax.random.fold_in(key, 0))
+    print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+          f"mesh {dict(mesh.shape)}, devices {jax.device_count()} x {jax.devices()[0].platform}")
+
+    sft_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "sft"), keep=1)
+    rl_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "rl"), keep=cfg.train.keep_checkpoints)
+    resume_sft = cfg.train.resume and sft_ckpt.latest_step() is not None
+    resume_rl = (rl_ckpt.latest_step() or 0) if cfg.train.resume else 0
+    writer = MetricsWriter(run_dir, resume_step=resume_rl, keep_sft=resume_sft)
+    greedy = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0)
+    sampled = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.eval.temperature)
+    rollout = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.rl.temperature,
+                             top_p=cfg.rl.top_p, top_k=cfg.rl.top_k, num_samples=cfg.rl.group_size)
+    eval_key = jax.random.fold_in(key, 1)
+
+    with VerifierPool(cfg.verify.num_workers, cfg.verify.timeout_s, cfg.verify.memory_mb,
+                      cfg.verify.max_chars) as pool:
+        # ---- SFT warm start (its result is also the reference policy for KL)
+        if resume_sft:
+            params, _ = sft_ckpt.restore(sft_ckpt.latest_step(), params, with_data=False)
+        else:
+            params = _sft(cfg, model_cfg, params, splits["train"], tok, writer)
+            sft_ckpt.save(cfg.sft.steps, params)
+
+        # ---- Evaluation before RL (kept on disk so a resumed run reports it too)
+        before_path = os.path.join(run_dir, "eval_before_rl.json")
+        if cfg.train.resume and os.path.exists(before_path):
+            before = json.load(open(before_path))
+        else:
+            before = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
+                      "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
+            json.dump(before, open(before_path, "w"), indent=2)
+        print(f"eval before RL: greedy {before['greedy']['accuracy']:.3f}, sampled {before['sampled']['accuracy']:.3f}")
+
+        # ---- RL
+        params = _rl(cfg, model_cfg, params, splits["train"], rl_encode, rollout, tok, pool, rl_ckpt, writer, key)
+
+        # ---- Evaluation after RL
+        after = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
+                 "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
+        print(f"eval after RL: greedy {after['greedy']['accuracy']:.3f}, sampled {after['sampled']['accuracy']:.3f}")
+    writer.close()
+    sft_ckpt.close()
+    rl_ckpt.close()
+    plot_curves(writer.path, os.path.join(run_dir, "curves.png"))
+
+    summary = {
+        "eval_accuracy_before_rl": before["greedy"]["accuracy"],
+        "eval_accuracy_after_rl": after["greedy"]["accuracy"],
+        "eval_sampled_accuracy_before_rl": before["sampled"]["accuracy"],
+        "eval_sampled_accuracy_after_rl": after["sampled"]["accuracy"],
+        "eval_problems": after["greedy"]["problems"],
+        "eval_per_family_before_rl": before["greedy"]["per_family"],
+        "eval_per_family_after_rl": after["greedy"]["per_family"],
+        "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
+        "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
+    }
+    path = os.path.join(run_dir, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return path
+
+
+def _sft(cfg, model_cfg, params, train_source, tok, writer):
+    """Supervised warm start on the reference solutions."""
+    if cfg.sft.steps == 0:
+        return params
+    tx = learner.make_optimizer(cfg.sft.lr, 1.0, cfg.sft.warmup_steps, cfg.sft.steps)
+    state = learner.init_state(params, tx)
+    step_fn = learner.make_sft_step(model_cfg, tx)
+    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
+    it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
+    bar = tqdm(range(1, cfg.sft.steps + 1), desc="SFT", disable=not cfg.train.progress, dynamic_ncols=True)
+    for step in bar:
+        b = next(it)
+        state, m = step_fn(state, b["prompt"], b["prompt_len"], b["target"], b["target_len"])
+        if step % cfg.train.log_every == 0 or step == cfg.sft.steps:
+            m = jax.device_get(m)
+            writer.write(step, m, phase="sft")
+            bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
+    return state["params"]
+
+
+def _rl(cfg, model_cfg, params, train_source, encode, rollout, tok, pool, ckpt, writer, key):
+    """Scheduled RL; checkpoints every `train.checkpoint_every` steps and at the end."""
+    rl = cfg.rl
+    tx = learner.make_optimizer(rl.lr, rl.max_grad_norm)
+    need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
+    ref_params = params if need_ref else None
+    # The update donates its state, so the policy must not share buffers with the reference policy.
+    state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.fold_in(key, 2))
+    rl_step = learner.make_rl_step(cfg, model_cfg, tx)
+    data = pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2)
+    it = iter(data)
+    start = 0
+    if cfg.train.resume and ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(ckpt.latest_step(), state)
+        it.set_state(data_state)
+        start = int(state["step"])
+        print(f"resumed RL at step {start}")
+
+    bar = tqdm(range(start + 1, rl.steps + 1), desc="RL", disable=not cfg.train.progress, dynamic_ncols=True,
+               initial=start, total=rl.steps)
+    for step in bar:
+        b = next(it)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(sample(model_cfg, rollout, state["params"], b["prompt"], b["prompt_len"], step_key))
+        t1 = time.perf_counter()
+        G = rl.group_size
+        rewards, verdicts = _score(pool, tok, out["tokens"], out["lengths"], np.repeat(b["answer"], G),
+                                   np.repeat(b["verifier"], G))
+        t2 = time.perf_counter()
+        state, m = rl_step(state, ref_params, b["prompt"], b["prompt_len"], out["tokens"], out["lengths"], rewards)
+        m = jax.device_get(m)
+        t3 = time.perf_counter()
+        m.update(verify_metrics(verdicts), accuracy=float(np.mean(rewards == 1.0)), sample_s=t1 - t0,
+                 verify_s=t2 - t1, update_s=t3 - t2,
+                 sample_tokens_per_s=float(np.sum(np.asarray(out["lengths"]))) / (t1 - t0))
+        writer.write(step, m)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}",
+                        tok_s=f"{m['sample_tokens_per_s']:.0f}")
+        if step % cfg.train.log_every == 0 or step == rl.steps:
+            tqdm.write(summary_line(step, rl.steps, m))
+        if step % cfg.train.checkpoint_every == 0 or step == rl.steps:
+            ckpt.save(step, state, it.get_state())
+    return state["params"]
