@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.run_dir = "runs/default"  # checkpoints, logs, tokenizer and summary.json go here
 
     c.data = ml_collections.ConfigDict()
-    c.data.families = "arith,gcd,sort"  # comma-separated task families (tsched.data.tasks)
+    c.data.families = "gcd,sort"  # comma-separated task families (tsched.data.tasks)
     c.data.min_difficulty = 1
     c.data.max_difficulty = 3
     c.data.train_size = 20000
@@ -72,14 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.warmup_steps = 50
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.steps = 60
+    c.rl.steps = 120
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
     c.rl.max_new_tokens = 64
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.top_k = 0  # 0 = off
-    c.rl.lr = 2e-4
+    c.rl.lr = 1e-4
     c.rl.max_grad_norm = 1.0
     c.rl.micro_batches = 1  # gradient accumulation: one optimizer step over this many slices
     c.rl.advantage = "grpo"
@@ -116,7 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.num_problems = 500
     c.eval.batch_size = 250
-    c.eval.temperature = 1.0  # for the sampled accuracy; greedy accuracy is also reported
+    c.eval.samples = 4  # the headline accuracy is avg@k: mean correctness of k samples per problem
+    c.eval.temperature = 1.0  # of those samples (= rl.temperature by default); greedy is reported too
 
     c.train = ml_collections.ConfigDict()
     c.train.resume = False
@@ -155,7 +156,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config field {field!r} = {_get(cfg, field)!r}: must be {what}")
 
     positive = lambda v: v > 0
-    for f in ("sft.batch_size", "rl.steps", "rl.prompts_per_step", "rl.max_new_tokens", "data.prompt_len",
+    for f in ("sft.batch_size", "rl.steps", "eval.samples", "rl.prompts_per_step", "rl.max_new_tokens", "data.prompt_len",
               "data.train_size", "data.eval_size", "eval.num_problems", "eval.batch_size", "model.d_model",
               "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.ffn_dim",
               "verify.num_workers", "verify.timeout_s", "tokenizer.vocab_size", "train.log_every",

@@ -33,3 +33,23 @@ def test_cached_model_is_reused_and_any_model_path_loads(tmp_path):
     c = load_or_train(path, str(tmp_path / "unused.model"), [], 64)
     assert isinstance(c, Tokenizer) and not os.path.exists(tmp_path / "unused.model")
     assert c.encode("gcd(12,8)") == a.encode("gcd(12,8)")
+
+
+def test_hf_tokenizer_json_behind_the_same_interface(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers, decoders
+
+    from tsched.data.tokenizer import load
+
+    hf = HF(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(corpus(100), trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<|eos|>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>", "pad_token": "<pad>"}))
+    tok = load(str(tmp_path / "tokenizer.json"))
+    assert tok.eos_id == 2 and tok.pad_id == 0 and tok.vocab_size <= 300
+    for t in corpus(20):
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.decode([0] + tok.encode("gcd(4,6)") + [2] + tok.encode("junk")) == "gcd(4,6)"

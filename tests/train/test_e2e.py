@@ -11,41 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.tiny import cli, tiny
 from tsched.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
-
-OVERRIDES = {
-    "data.families": "arith,sort", "data.max_difficulty": 2, "data.train_size": 400, "data.eval_size": 40,
-    "data.prompt_len": 20, "data.max_solution_tokens": 40, "tokenizer.vocab_size": 48,
-    "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 8,
-    "model.ffn_dim": 64, "sft.steps": 20, "sft.batch_size": 16, "sft.warmup_steps": 2,
-    "rl.steps": 8, "rl.prompts_per_step": 4, "rl.group_size": 4, "rl.max_new_tokens": 40,
-    "eval.num_problems": 40, "eval.batch_size": 20, "train.checkpoint_every": 2, "train.log_every": 2,
-    "train.progress": False, "verify.num_workers": 1,
-}
-
-
-def config(tmp, name):
-    cfg = base_config()
-    for k, v in OVERRIDES.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    cfg.run_dir = str(tmp / name)
-    cfg.data.data_dir = str(tmp / "tfds")
-    return cfg
-
-
-def cli(cfg, **extra):
-    args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    args += [f"--config.run_dir={cfg.run_dir}", f"--config.data.data_dir={cfg.data.data_dir}"]
-    args += [f"--config.{k}={v}" for k, v in extra.items()]
-    return [sys.executable, "-m", "tsched.main", "--config=configs/default.py", *args]
-
 
 def final_params(run_dir, step):
     tree = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "ckpt", "rl", str(step), "state"))
@@ -57,7 +27,7 @@ def uninterrupted(tmp_path_factory):
     from tsched.train import trainer
 
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = config(tmp, "full")
+    cfg = tiny(base_config(), tmp, "full")
     return tmp, cfg, trainer.run(cfg)
 
 
@@ -81,7 +51,7 @@ def test_few_step_run_writes_summary_logs_and_checkpoints(uninterrupted):
 
 def test_killed_run_resumes_to_the_same_parameters(uninterrupted):
     tmp, full_cfg, _ = uninterrupted
-    cfg = config(tmp, "killed")
+    cfg = tiny(base_config(), tmp, "killed")
     proc = subprocess.Popen(cli(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(cfg.run_dir, "ckpt", "rl", "2")
     deadline = time.monotonic() + 600

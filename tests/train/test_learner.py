@@ -7,6 +7,7 @@ import pytest
 
 from tsched import model
 from tsched.config import base_config
+from tsched.rl import objective
 from tsched.train import learner
 
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -117,4 +118,4 @@ def test_zero_magnitude_is_grpo(tiny_model_cfg, tiny_params):
 
 def test_kl_metrics_zero_at_the_reference(tiny_model_cfg, tiny_params):
     _, m = run_step(make_cfg(), tiny_model_cfg, tiny_params, batch(tiny_model_cfg.vocab_size))
-    assert all(abs(float(m[f"kl_bin{i}"])) < 1e-6 for i in range(learner.KL_BINS))
+    assert all(abs(float(m[f"kl_bin{i}"])) < 1e-6 for i in range(objective.KL_BINS))

@@ -15,12 +15,12 @@ import grain
 import numpy as np
 
 from tsched.data import tfds_builder
-from tsched.data.tokenizer import Tokenizer
+from tsched.data import tokenizer as tok_lib
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str) -> Tokenizer:
-    return Tokenizer(path)
+def _tokenizer(path: str) -> tok_lib.Tokenizer:
+    return tok_lib.load(path)
 
 
 def left_pad(ids: list[int], length: int, pad_id: int) -> np.ndarray:
@@ -103,3 +103,26 @@ def eval_batches(source, encode: Encode, num: int, batch_size: int) -> list[dict
         batch["valid"] = valid
         batches.append(batch)
     return batches
+
+
+def with_reference_prefix(batch: dict, magnitude: float, pad_id: int, eos_id: int) -> dict:
+    """Off-policy guidance: the first round(r * L) tokens of each reference solution (L tokens without
+    its EOS, at most L - 1 so the policy always writes the end) move into the prompt as context.
+
+    prompt [B, P] + target [B, S] -> prompt [B, P + S] (left-padded, static shape), plus `prefix` [B, S]
+    (right-padded) and `prefix_len` [B], so rewards can score prefix + completion as one response.
+    """
+    prompt, plen, target, tlen = batch["prompt"], batch["prompt_len"], batch["target"], batch["target_len"]
+    B, P = prompt.shape
+    S = target.shape[1]
+    out_prompt = np.full((B, P + S), pad_id, np.int32)
+    prefix = np.full((B, S), pad_id, np.int32)
+    prefix_len = np.zeros(B, np.int32)
+    for i in range(B):
+        L = int(tlen[i]) - int(tlen[i] > 0 and target[i, tlen[i] - 1] == eos_id)  # the solution without EOS
+        k = min(int(np.floor(magnitude * L + 0.5)), max(L - 1, 0))
+        ids = np.concatenate([prompt[i, P - plen[i]:], target[i, :k]])
+        out_prompt[i, P + S - len(ids):] = ids
+        prefix[i, :k] = target[i, :k]
+        prefix_len[i] = k
+    return {**batch, "prompt": out_prompt, "prompt_len": plen + prefix_len, "prefix": prefix, "prefix_len": prefix_len}

@@ -1,4 +1,6 @@
-"""Sentencepiece tokenizer: trained offline on the task corpus, or loaded from any `.model` file."""
+"""Tokenizers behind one small interface: sentencepiece `.model` files (trained offline on the task
+corpus, or any other), and Hugging Face `tokenizer.json` files (via the `tokenizers` package) for
+checkpoints that ship that instead. `load(path)` picks by file name."""
 
 from __future__ import annotations
 
@@ -41,7 +43,49 @@ class Tokenizer:
                 break
             if i != self.pad_id:
                 out.append(i)
-        return self.sp.decode(out)
+        return self._decode(out)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizer.json`; eos / pad tokens come from `tokenizer_config.json` beside it (or arguments)."""
+
+    def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
+        import json
+
+        from tokenizers import Tokenizer as _HF
+
+        self.path = path
+        self.tok = _HF.from_file(path)
+        meta_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        name = lambda t: t.get("content") if isinstance(t, dict) else t
+        eos, pad = eos_token or name(meta.get("eos_token")), pad_token or name(meta.get("pad_token"))
+        self.eos_id = self.tok.token_to_id(eos) if eos else None
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {path!r}: no eos token (set eos_token in tokenizer_config.json)")
+        pad_id = self.tok.token_to_id(pad) if pad else None
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
+def load(path: str) -> Tokenizer:
+    """A `.json` path is a Hugging Face tokenizer, anything else a sentencepiece model."""
+    return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> Tokenizer:
@@ -64,7 +108,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
 def load_or_train(model_path: str, cache_path: str, corpus: Iterable[str], vocab_size: int) -> Tokenizer:
     """Loads `model_path` if given, else the cached model at `cache_path`, else trains it there."""
     if model_path:
-        return Tokenizer(model_path)
+        return load(model_path)
     if os.path.exists(cache_path):
         return Tokenizer(cache_path)
     return train_tokenizer(corpus, cache_path, vocab_size)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from tsched.model.decoder import Decoder, ModelConfig, Params
+from tsched.model.hf import load_pretrained, save_pretrained
 
 __all__ = ["ModelConfig", "Params", "config_from", "init_params", "logical_axes", "forward", "init_cache",
-           "apply_cached", "positions_from_valid"]
+           "apply_cached", "positions_from_valid", "load_pretrained", "save_pretrained"]
 
 
 def config_from(model_cfg, vocab_size: int) -> ModelConfig:

@@ -18,10 +18,7 @@ import optax
 
 from tsched import model as model_lib
 from tsched.rl import advantages as adv_lib
-from tsched.rl import credit, losses, schedules
-
-KL_BINS = 10  # trajectory-percentile bins of the KL-to-initial-policy metric
-STAGES = {"first10": (0.0, 0.1), "mid45_55": (0.45, 0.55), "last10": (0.9, 1.0)}
+from tsched.rl import objective, schedules
 
 
 def make_optimizer(lr: float, max_grad_norm: float, warmup_steps: int = 0, total_steps: int = 0):
@@ -50,16 +47,9 @@ def join(prompts, prompt_lens, completions, lengths):
 
 
 def token_stats(model_cfg, params, tokens, valid, P: int, temperature: float = 1.0):
-    """log-prob of each completion token and the entropy of its distribution, at `temperature`.
-
-    tokens, valid [N, P+T] -> logp [N, T], entropy [N, T]; H = logsumexp(z) - sum softmax(z) z, z = logits / temp.
-    """
-    logits = model_lib.forward(model_cfg, params, tokens, valid)[:, P - 1:-1] / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = tokens[:, P:]
-    logp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - lse
-    entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
-    return logp, entropy
+    """tokens, valid [N, P+T] -> log-prob of each completion token and its entropy [N, T], at `temperature`."""
+    logits = model_lib.forward(model_cfg, params, tokens, valid)[:, P - 1:-1]
+    return objective.token_stats_from_logits(logits, tokens[:, P:], temperature)
 
 
 def _apply(tx, state, grads):
@@ -85,58 +75,22 @@ def make_sft_step(model_cfg, tx):
     return sft_step
 
 
-def _stage_masks(mask):
-    """Token position as a fraction of its response length; masks [N, T] per trajectory stage."""
-    L = jnp.sum(mask, -1, keepdims=True).astype(jnp.float32)
-    frac = jnp.arange(mask.shape[1])[None, :] / jnp.maximum(L, 1.0)
-    return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
-
-
 def make_rl_step(cfg, model_cfg, tx):
     """The jitted RL update `(state, ref_params, prompts, prompt_lens, completions, lengths, rewards)`.
 
     `ref_params` (the initial policy) is used for the KL penalty and the KL-by-percentile metric; pass
     None to skip that extra forward pass. Returns (new state, metrics dict of float32 scalars).
     """
-    rl, ccfg = cfg.rl, cfg.rl.credit
+    rl = cfg.rl
     M = rl.micro_batches
-    log_ratio_fn = losses.LOG_RATIOS[rl.loss]
 
     def micro(params, ref_params, r, mb):
         tokens, valid, mask, adv, P = mb["tokens"], mb["valid"], mb["mask"], mb["adv"], mb["P"]
-        logp, entropy_with_grad = token_stats(model_cfg, params, tokens, valid, P, rl.temperature)
-        # On-policy single update: the sampling policy is the current one, so old log-probs are the
-        # current ones without gradient (ratio = 1 in value) and no separate scoring pass is needed.
-        old_logp = jax.lax.stop_gradient(logp)
-        entropy = jax.lax.stop_gradient(entropy_with_grad)
-        loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, entropy, ccfg)
-        norm_mask = loss_mask if ccfg.normalizer == "selected_tokens" else mask
-        per_token, clipped = losses.clipped_objective(log_ratio_fn(logp, old_logp, loss_mask), token_adv,
-                                                      rl.clip_low, rl.clip_high, rl.dual_clip)
-        sums = {}
-        if ref_params is not None:
-            ref_logp, _ = token_stats(model_cfg, ref_params, tokens, valid, P, rl.temperature)
-            kl_tok = losses.kl(logp, jax.lax.stop_gradient(ref_logp), rl.kl_estimator)
-            if rl.kl_coef:
-                per_token = per_token + rl.kl_coef * kl_tok
-            frac, _ = _stage_masks(mask)
-            bins = jnp.clip((frac * KL_BINS).astype(jnp.int32), 0, KL_BINS - 1)
-            onehot = jax.nn.one_hot(bins, KL_BINS) * mask[..., None]
-            sums["kl_bins"] = (jnp.einsum("ntb,nt->b", onehot, jax.lax.stop_gradient(kl_tok)), onehot.sum((0, 1)))
-        if rl.entropy_coef:
-            per_token = per_token - rl.entropy_coef * entropy_with_grad
-        num, den = losses.aggregate(per_token, loss_mask, norm_mask, rl.aggregation)
-
-        f32 = lambda x: x.astype(jnp.float32)
-        _, stages = _stage_masks(mask)
-        sums.update({
-            "tokens_optimized_frac": (jnp.sum(f32(loss_mask)), jnp.sum(f32(mask))),
-            "entropy": (jnp.sum(entropy * mask), jnp.sum(f32(mask))),
-            "clip_frac": (jnp.sum(f32(clipped & loss_mask)), jnp.sum(f32(loss_mask))),
-            **{f"entropy_{k}": (jnp.sum(entropy * m), jnp.sum(f32(m))) for k, m in stages.items()},
-        })
+        logp, entropy = token_stats(model_cfg, params, tokens, valid, P, rl.temperature)
+        ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, tokens, valid, P,
+                                                               rl.temperature)[0]
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, adv, mask, ref_logp)
         return num, (den, sums)
-
 
     @functools.partial(jax.jit, donate_argnums=0)
     def rl_step(state, ref_params, prompts, prompt_lens, completions, lengths, rewards):
@@ -162,7 +116,7 @@ def make_rl_step(cfg, model_cfg, tx):
         new_state = _apply(tx, state, grads)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         if "kl_bins" in metrics:
-            metrics.update({f"kl_bin{i}": metrics["kl_bins"][i] for i in range(KL_BINS)})
+            metrics.update({f"kl_bin{i}": metrics["kl_bins"][i] for i in range(objective.KL_BINS)})
             del metrics["kl_bins"]
         metrics.update({
             "loss": num / den, "magnitude": r, "grad_norm": optax.global_norm(grads),

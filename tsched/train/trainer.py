@@ -23,6 +23,7 @@ from tsched import model as model_lib
 from tsched import sharding
 from tsched.config import validate
 from tsched.data import pipeline, tokenizer as tok_lib
+from tsched.rl import schedules
 from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.train import learner
 from tsched.train.checkpoint import Checkpointer
@@ -40,10 +41,16 @@ def _prepare_run_dir(cfg) -> None:
         f.write(cfg.to_json_best_effort(indent=2))
 
 
-def _score(pool, tok, tokens, lengths, answers, verifiers):
-    """Detokenize completions [N, T] and verify them -> (rewards [N] float32, verdicts)."""
+def _score(pool, tok, tokens, lengths, answers, verifiers, prefix=None, prefix_len=None):
+    """Detokenize completions [N, T] (after their off-policy prefix [N, S], if any) and verify them.
+
+    The reward always judges the full response -> (rewards [N] float32, verdicts).
+    """
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    texts = [tok.decode(tokens[i, : lengths[i]]) for i in range(len(tokens))]
+    rows = [list(tokens[i, : lengths[i]]) for i in range(len(tokens))]
+    if prefix is not None:
+        rows = [list(prefix[i, : prefix_len[i]]) + row for i, row in enumerate(rows)]
+    texts = [tok.decode(row) for row in rows]
     verdicts = pool.score(texts, list(answers), list(verifiers))
     return np.array([v.reward for v in verdicts], np.float32), verdicts
 
@@ -56,16 +63,20 @@ def verify_metrics(verdicts) -> dict:
 
 
 def evaluate(model_cfg, scfg: SamplingConfig, params, batches, tok, pool, key) -> dict:
-    """Accuracy over the eval batches (one sample per problem; temperature 0 = greedy), overall and per family."""
+    """Accuracy over the eval batches, overall and per family: the mean correctness of the
+    `scfg.num_samples` samples of every problem (avg@k; temperature 0 = greedy, k = 1)."""
     correct, families = [], []
+    k = scfg.num_samples
     for i, b in enumerate(batches):
         out = sample(model_cfg, scfg, params, jnp.asarray(b["prompt"]), jnp.asarray(b["prompt_len"]),
                      jax.random.fold_in(key, i))
-        rewards, _ = _score(pool, tok, out["tokens"], out["lengths"], b["answer"], b["verifier"])
-        correct += list(rewards[b["valid"]] == 1.0)
-        families += list(b["family"][b["valid"]])
+        rewards, _ = _score(pool, tok, out["tokens"], out["lengths"], np.repeat(b["answer"], k),
+                            np.repeat(b["verifier"], k))
+        valid = np.repeat(b["valid"], k)
+        correct += list(rewards[valid] == 1.0)
+        families += list(np.repeat(b["family"], k)[valid])
     correct, families = np.array(correct), np.array(families)
-    return {"accuracy": float(correct.mean()), "problems": int(len(correct)),
+    return {"accuracy": float(correct.mean()), "problems": int(len(correct)) // k, "samples_per_problem": k,
             "per_family": {f: float(correct[families == f].mean()) for f in sorted(set(families))}}
 
 
@@ -82,8 +93,8 @@ def run(cfg) -> str:
                                 pipeline.corpus(splits["train"]), cfg.tokenizer.vocab_size)
     model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
     P, T = cfg.data.prompt_len, cfg.rl.max_new_tokens
-    rl_encode = pipeline.Encode(tok.path, P)
-    eval_batches = pipeline.eval_batches(splits["eval"], rl_encode, cfg.eval.num_problems, cfg.eval.batch_size)
+    eval_batches = pipeline.eval_batches(splits["eval"], pipeline.Encode(tok.path, P), cfg.eval.num_problems,
+                                         cfg.eval.batch_size)
 
     # ---- Model, sharded over the mesh
     mesh = sharding.make_mesh(cfg.mesh)
@@ -100,7 +111,8 @@ def run(cfg) -> str:
     resume_rl = (rl_ckpt.latest_step() or 0) if cfg.train.resume else 0
     writer = MetricsWriter(run_dir, resume_step=resume_rl, keep_sft=resume_sft)
     greedy = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0)
-    sampled = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.eval.temperature)
+    sampled = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.eval.temperature,
+                             num_samples=cfg.eval.samples)
     rollout = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.rl.temperature,
                              top_p=cfg.rl.top_p, top_k=cfg.rl.top_k, num_samples=cfg.rl.group_size)
     eval_key = jax.random.fold_in(key, 1)
@@ -122,28 +134,35 @@ def run(cfg) -> str:
             before = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
                       "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
             json.dump(before, open(before_path, "w"), indent=2)
-        print(f"eval before RL: greedy {before['greedy']['accuracy']:.3f}, sampled {before['sampled']['accuracy']:.3f}")
+        print(f"eval before RL: avg@{cfg.eval.samples} {before['sampled']['accuracy']:.3f}, "
+              f"greedy {before['greedy']['accuracy']:.3f}")
 
         # ---- RL
-        params = _rl(cfg, model_cfg, params, splits["train"], rl_encode, rollout, tok, pool, rl_ckpt, writer, key)
+        params = _rl(cfg, model_cfg, params, splits["train"], tok, rollout, pool, rl_ckpt, writer, key)
 
         # ---- Evaluation after RL
         after = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
                  "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
-        print(f"eval after RL: greedy {after['greedy']['accuracy']:.3f}, sampled {after['sampled']['accuracy']:.3f}")
+        print(f"eval after RL: avg@{cfg.eval.samples} {after['sampled']['accuracy']:.3f}, "
+              f"greedy {after['greedy']['accuracy']:.3f}")
     writer.close()
     sft_ckpt.close()
     rl_ckpt.close()
     plot_curves(writer.path, os.path.join(run_dir, "curves.png"))
 
+    # The headline accuracy is avg@k at the sampling temperature: what RL optimizes (expected reward of
+    # the sampled policy), estimated with k samples per problem; greedy accuracy is reported beside it.
     summary = {
-        "eval_accuracy_before_rl": before["greedy"]["accuracy"],
-        "eval_accuracy_after_rl": after["greedy"]["accuracy"],
-        "eval_sampled_accuracy_before_rl": before["sampled"]["accuracy"],
-        "eval_sampled_accuracy_after_rl": after["sampled"]["accuracy"],
+        "eval_accuracy_before_rl": before["sampled"]["accuracy"],
+        "eval_accuracy_after_rl": after["sampled"]["accuracy"],
+        "eval_accuracy_metric": f"avg@{cfg.eval.samples}, temperature {cfg.eval.temperature}",
+        "eval_greedy_accuracy_before_rl": before["greedy"]["accuracy"],
+        "eval_greedy_accuracy_after_rl": after["greedy"]["accuracy"],
         "eval_problems": after["greedy"]["problems"],
-        "eval_per_family_before_rl": before["greedy"]["per_family"],
-        "eval_per_family_after_rl": after["greedy"]["per_family"],
+        "eval_per_family_before_rl": before["sampled"]["per_family"],
+        "eval_per_family_after_rl": after["sampled"]["per_family"],
+        "eval_greedy_per_family_before_rl": before["greedy"]["per_family"],
+        "eval_greedy_per_family_after_rl": after["greedy"]["per_family"],
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
@@ -173,9 +192,11 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer):
     return state["params"]
 
 
-def _rl(cfg, model_cfg, params, train_source, encode, rollout, tok, pool, ckpt, writer, key):
+def _rl(cfg, model_cfg, params, train_source, tok, rollout, pool, ckpt, writer, key):
     """Scheduled RL; checkpoints every `train.checkpoint_every` steps and at the end."""
     rl = cfg.rl
+    off_policy = rl.credit.strategy == "off_policy"
+    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens if off_policy else 0)
     tx = learner.make_optimizer(rl.lr, rl.max_grad_norm)
     need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
     ref_params = params if need_ref else None
@@ -195,13 +216,16 @@ def _rl(cfg, model_cfg, params, train_source, encode, rollout, tok, pool, ckpt, 
                initial=start, total=rl.steps)
     for step in bar:
         b = next(it)
+        if off_policy:  # the schedule acts on the prompt: r of each reference solution becomes context
+            b = pipeline.with_reference_prefix(b, float(schedules.magnitude(step, rl.schedule)), tok.pad_id, tok.eos_id)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         t0 = time.perf_counter()
         out = jax.block_until_ready(sample(model_cfg, rollout, state["params"], b["prompt"], b["prompt_len"], step_key))
         t1 = time.perf_counter()
         G = rl.group_size
+        prefix = (np.repeat(b["prefix"], G, 0), np.repeat(b["prefix_len"], G)) if off_policy else (None, None)
         rewards, verdicts = _score(pool, tok, out["tokens"], out["lengths"], np.repeat(b["answer"], G),
-                                   np.repeat(b["verifier"], G))
+                                   np.repeat(b["verifier"], G), *prefix)
         t2 = time.perf_counter()
         state, m = rl_step(state, ref_params, b["prompt"], b["prompt_len"], out["tokens"], out["lengths"], rewards)
         m = jax.device_get(m)

@@ -1,0 +1,70 @@
+"""Sharded over 8 simulated CPU devices, loss, gradients and sampled tokens equal the single-device ones.
+
+The device count is fixed when JAX starts, so the check runs in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check(mesh_shape):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from ml_collections import ConfigDict
+
+    from tsched import model, sharding
+    from tsched.config import base_config
+    from tsched.rl import objective
+    from tsched.sampling.sampler import SamplingConfig, sample
+    from tsched.train import learner
+
+    assert jax.device_count() == 8
+    mcfg = model.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                             ffn_dim=64, qk_norm=True)
+    params = model.init_params(mcfg, jax.random.key(0))
+    B, G, P, T = 4, 4, 6, 10
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(4, 64, (B, P)), jnp.int32)
+    plens = jnp.asarray([6, 3, 5, 1], jnp.int32)
+    prompts = jnp.where(jnp.arange(P)[None] >= P - plens[:, None], prompts, 0)
+    scfg = SamplingConfig(max_new_tokens=T, eos_id=3, pad_id=0, temperature=1.0, num_samples=G)
+    cfg = base_config()
+    cfg.rl.credit.strategy = "forking"
+
+    def loss(p, comps, lens, adv):
+        tokens, valid, mask = learner.join(prompts, plens, comps, lens)
+        logp, ent = learner.token_stats(mcfg, p, tokens, valid, P)
+        num, den, _ = objective.policy_loss(cfg.rl, jnp.float32(0.5), logp, ent, adv, mask)
+        return num / den
+
+    def run(p):
+        out = sample(mcfg, scfg, p, prompts, plens, jax.random.key(1))
+        adv = jnp.linspace(-1, 1, B * G)
+        value, grads = jax.jit(jax.value_and_grad(loss))(p, out["tokens"], out["lengths"], adv)
+        return jax.device_get((out["tokens"], value, grads))
+
+    single = run(jax.device_put(params, jax.devices()[0]))
+    mesh = sharding.make_mesh(ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
+    shardings = sharding.logical_to_sharding(model.logical_axes(mcfg), mesh)
+    sharded_params = jax.device_put(params, shardings)
+    assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(sharded_params))
+    multi = run(sharded_params)
+    np.testing.assert_array_equal(multi[0], single[0])
+    np.testing.assert_allclose(multi[1], single[1], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), multi[2], single[2])
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_equals_single_device(mesh_shape):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    code = f"import tests.test_sharding as t; t.check({mesh_shape!r}); print('OK')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]

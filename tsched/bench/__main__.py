@@ -1,0 +1,197 @@
+"""RL step benchmark: time per phase against the FLOP bound this machine measures for itself.
+
+    python -m tsched.bench [--dtypes float32,bfloat16] [--steps 5] [--json PATH] [--smoke]
+
+Defaults are the reference shape: decoder with 4 layers, d_model 256, ffn 1024, 4 query / 2 kv heads,
+head_dim 64, vocab 512, tied embeddings (4.07M parameters); 8 prompts x 8 samples, prompt 64 tokens,
+128 new tokens (EOS disabled, so every row runs to full length); no KL reference model.
+
+FLOPs (multiply-add = 2), per token of a forward pass with `ctx` visible keys:
+    2 * (non-embedding matmul params) + 2 * d_model * vocab + 4 * n_layers * n_heads * head_dim * ctx
+Sampling counts the prefill of the B prompts and every decoded token at its true context length;
+the score pass and the loss forward count all N * (P + T) positions; backward = 2 x forward.
+Peak: a jitted 2048^3 matmul in float32, and with bfloat16 inputs and float32 accumulation.
+
+Phases, each the median over `--steps` steady-state steps after one warm-up:
+    sample     the jitted sampler (prefill + while_loop decode)
+    score      a separate old-log-prob forward pass (reported; the on-policy update does not run it)
+    verify     detokenized text through the verifier pool
+    loss       forward + backward of the scheduled RL objective (value_and_grad)
+    optimizer  the optax update
+    rl_step    sample + verify + the fused jitted update (what one training step costs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsched import model as model_lib
+from tsched.config import base_config
+from tsched.model import ModelConfig
+from tsched.rl import objective
+from tsched.sampling.sampler import SamplingConfig, sample
+from tsched.train import learner
+from tsched.verify.pool import VerifierPool
+
+
+def forward_flops(cfg: ModelConfig, ctx: float) -> float:
+    """FLOPs of one token's forward pass with `ctx` visible keys."""
+    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    matmul_params = cfg.n_layers * (D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * F)
+    return 2 * matmul_params + 2 * D * cfg.vocab_size + 4 * cfg.n_layers * H * Dh * ctx
+
+
+def sample_flops(cfg, B, G, P, T) -> float:
+    prefill = B * sum(forward_flops(cfg, c + 1) for c in range(P))
+    decode = B * G * sum(forward_flops(cfg, P + t + 1) for t in range(T))
+    return prefill + decode
+
+
+def sequence_flops(cfg, N, L) -> float:
+    """One forward pass over N sequences of L tokens (causal: position i sees i + 1 keys)."""
+    return N * sum(forward_flops(cfg, c + 1) for c in range(L))
+
+
+def median_time(fn, steps: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (compile)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak(dtype, n: int = 2048, steps: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    return 2 * n ** 3 / median_time(lambda: f(a, a), steps) / 1e9
+
+
+def run(dtype: str, args, peak: float) -> dict:
+    mcfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                       n_kv_heads=args.kv_heads, head_dim=args.head_dim, ffn_dim=args.ffn, dtype=dtype)
+    B, G, P, T = args.prompts, args.samples, args.prompt_len, args.new_tokens
+    N = B * G
+    cfg = base_config()
+    cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens = G, B, T
+    params = model_lib.init_params(mcfg, jax.random.key(0))
+    tx = learner.make_optimizer(1e-4, 1.0)
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(4, args.vocab, (B, P)), jnp.int32)
+    prompt_lens = jnp.full((B,), P, jnp.int32)
+    scfg = SamplingConfig(max_new_tokens=T, eos_id=-1, pad_id=0, temperature=1.0, num_samples=G)
+
+    key = [0]
+
+    def do_sample():
+        key[0] += 1
+        return sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(key[0]))
+
+    out = jax.block_until_ready(do_sample())
+    t_sample = median_time(do_sample, args.steps)
+    completions, lengths = out["tokens"], out["lengths"]
+    rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
+    tokens, valid, mask = learner.join(prompts, prompt_lens, completions, lengths)
+    adv = rewards - rewards.mean()
+
+    score = jax.jit(lambda p: learner.token_stats(mcfg, p, tokens, valid, P)[0])
+    t_score = median_time(lambda: score(params), args.steps)
+
+    def loss(p):
+        logp, ent = learner.token_stats(mcfg, p, tokens, valid, P)
+        num, den, _ = objective.policy_loss(cfg.rl, jnp.float32(0.5), logp, ent, adv, mask)
+        return num / den
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    t_loss = median_time(lambda: grad(params), args.steps)
+    grads = grad(params)[1]
+    opt_state = tx.init(params)
+    opt = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    t_opt = median_time(lambda: opt(grads, opt_state, params), args.steps)
+
+    texts = [" ".join(map(str, np.asarray(completions[i, :8]))) + f" Answer: {i % 7}" for i in range(N)]
+    with VerifierPool(num_workers=2, timeout_s=5.0) as pool:
+        pool.score(texts[:4], ["1"] * 4, ["numeric"] * 4)  # warm workers
+        answers, verifiers = [str(i % 5) for i in range(N)], ["numeric"] * N
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            pool.score(texts, answers, verifiers)
+        t_verify = (time.perf_counter() - t0) / args.steps
+
+        state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(1))
+        rl_step = learner.make_rl_step(cfg, mcfg, tx)
+        holder = {"state": state}
+
+        def full_step():
+            o = do_sample()
+            r = np.array([v.reward for v in pool.score(texts, answers, verifiers)], np.float32)
+            holder["state"], m = rl_step(holder["state"], None, prompts, prompt_lens, o["tokens"], o["lengths"], r)
+            return m
+
+        t_step = median_time(full_step, args.steps)
+
+    f_sample = sample_flops(mcfg, B, G, P, T)
+    f_fwd = sequence_flops(mcfg, N, P + T)
+    phases = {
+        "sample": (t_sample, f_sample, N * T),
+        "score": (t_score, f_fwd, N * (P + T)),
+        "verify": (t_verify, 0.0, N),
+        "loss": (t_loss, 3 * f_fwd, N * (P + T)),
+        "optimizer": (t_opt, 0.0, 0),
+        "rl_step": (t_step, f_sample + 3 * f_fwd, N * T),
+    }
+    return {"dtype": dtype, "params": mcfg.num_params(), "peak_gflops": peak, "phases": {
+        k: {"median_s": t, "gflop": f / 1e9, "gflops": f / t / 1e9 if f else 0.0,
+            "pct_peak": 100 * f / t / 1e9 / peak if f else 0.0, "tokens_per_s": n / t if n else 0.0}
+        for k, (t, f, n) in phases.items()},
+        "sample_tokens_per_s": N * T / t_sample, "rl_step_s": t_step}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps: checks the harness runs")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.layers, args.d_model, args.ffn, args.heads, args.kv_heads, args.head_dim = 1, 32, 64, 2, 1, 16
+        args.vocab, args.prompts, args.samples, args.prompt_len, args.new_tokens, args.steps = 64, 2, 2, 8, 8, 2
+
+    peaks = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    results = [run(d, args, peaks[d]) for d in args.dtypes.split(",")]
+    print(f"tsched.bench | {jax.devices()[0].device_kind} x {jax.device_count()} | matmul peak: "
+          f"f32 {peaks['float32']:.0f} GFLOP/s, bf16-in/f32-acc {peaks['bfloat16']:.0f} GFLOP/s")
+    print(f"shape: {args.layers} layers, d {args.d_model}, ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
+          f"head_dim {args.head_dim}, vocab {args.vocab} ({results[0]['params'] / 1e6:.2f}M params); "
+          f"{args.prompts} prompts x {args.samples} samples, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"{'dtype':<9} {'phase':<10} {'median s':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'% peak':>7} {'tokens/s':>9}")
+    for r in results:
+        for k, p in r["phases"].items():
+            print(f"{r['dtype']:<9} {k:<10} {p['median_s']:>9.3f} {p['gflop']:>7.1f} {p['gflops']:>8.1f} "
+                  f"{p['pct_peak']:>6.1f}% {p['tokens_per_s']:>9.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
