@@ -71,7 +71,7 @@ def test_splits_are_deterministic_and_disjoint():
 
 def test_too_small_task_space_fails_clearly():
     with pytest.raises(ValueError, match="too small"):
-        tasks.make_splits(["gcd"], 1, 1, 100000, 10, seed=0)
+        tasks.make_splits(["gcd"], 1, 1, 100, 100000, seed=0)
 
 
 def test_unknown_family_names_the_allowed_ones():

@@ -69,7 +69,7 @@ def test_adversarial_batch_scores_zero_and_correct_answers_survive():
                 assert v.status in ("wrong", "no_answer", "timeout", "crashed", "error")
         # the pool is healthy afterwards
         assert pool.score(*zip(*CORRECT)) and all(v.reward == 1.0 for v in pool.score(*zip(*CORRECT)))
-        assert pool.alive() == 3
+        assert pool.alive() == 4
 
 
 def test_hangs_are_killed_at_the_deadline_without_stalling_others():
@@ -81,7 +81,7 @@ def test_hangs_are_killed_at_the_deadline_without_stalling_others():
         assert [v.status for v in out[:4]] == ["timeout"] * 4
         assert all(v.reward == 1.0 for v in out[4:])
         assert elapsed <= math.ceil(4 / 2) * TIMEOUT_S + SLACK_S, elapsed
-        assert pool.alive() == 3
+        assert pool.alive() == 4
 
 
 @pytest.mark.parametrize("kind,status", [("exit", "crashed"), ("segfault", "crashed"), ("oom", "crashed"),
@@ -109,7 +109,7 @@ def test_workers_killed_from_outside_mid_batch():
         out = future.result(timeout=30)
         assert [v.status for v in out[:2]] == ["crashed"] * 2
         assert all(v.reward == 1.0 for v in out[2:])
-        assert pool.alive() == 3
+        assert pool.alive() == 4
 
 
 def test_score_returns_in_input_order_and_counts_statuses():

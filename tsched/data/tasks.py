@@ -109,20 +109,26 @@ def _stream(families: list[str], min_d: int, max_d: int, seed: int, stream: int)
 def make_splits(families: list[str], min_difficulty: int, max_difficulty: int, train_size: int,
                 eval_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Deterministic train / eval splits; no eval problem text appears in train, none repeats in eval."""
-    evals, seen = [], set()
-    limit = 50 * (eval_size + train_size) + 1000  # small spaces (e.g. difficulty 1 only) must not loop forever
-    for i, p in enumerate(_stream(families, min_difficulty, max_difficulty, seed, 1)):
-        if len(evals) == eval_size or i > limit:
+    evals, seen, misses = [], set(), 0
+    # A small space (e.g. one family at difficulty 1) runs out of unique problems: stop after 10k misses.
+    for p in _stream(families, min_difficulty, max_difficulty, seed, 1):
+        if len(evals) == eval_size or misses > 10_000:
             break
-        if p.problem not in seen:
+        if p.problem in seen:
+            misses += 1
+        else:
             seen.add(p.problem)
             evals.append(p)
-    train = []
-    for i, p in enumerate(_stream(families, min_difficulty, max_difficulty, seed, 2)):
-        if len(train) == train_size or i > limit:
+            misses = 0
+    train, misses = [], 0
+    for p in _stream(families, min_difficulty, max_difficulty, seed, 2):
+        if len(train) == train_size or misses > 10_000:
             break
-        if p.problem not in seen:
-            train.append(p)
+        if p.problem in seen:
+            misses += 1
+        else:
+            train.append(p)  # train problems may repeat; only eval ones are held out
+            misses = 0
     if len(evals) < eval_size or len(train) < train_size:
         raise ValueError(f"task space too small for {eval_size} unique eval + {train_size} train problems "
                          f"(families={families}, difficulty {min_difficulty}..{max_difficulty})")

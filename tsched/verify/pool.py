@@ -79,12 +79,13 @@ class VerifierPool:
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024,
-                 max_chars: int = 4096, spares: int = 1, plugins: tuple[str, ...] = ()):
+                 max_chars: int = 4096, spares: int | None = None, plugins: tuple[str, ...] = ()):
         self.num_workers, self.timeout_s, self.memory_mb, self.max_chars = num_workers, timeout_s, memory_mb, max_chars
         self.plugins = tuple(plugins)
         self._sel = selectors.DefaultSelector()
         self._workers: list[_Worker] = []
-        for _ in range(num_workers + spares):
+        # As many warm spares as workers: a whole round of killed workers is replaced without waiting.
+        for _ in range(num_workers + (num_workers if spares is None else spares)):
             self._spawn()
         self._lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
