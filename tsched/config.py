@@ -66,13 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 600
+    c.sft.steps = 300
     c.sft.batch_size = 64
     c.sft.lr = 3e-3
     c.sft.warmup_steps = 50
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.steps = 120
+    c.rl.steps = 160
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
     c.rl.max_new_tokens = 64

@@ -10,19 +10,13 @@ broadcast to its tokens by `tsched.rl.credit`.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax.numpy as jnp
 
+from tsched.registry import make_registry
+
 EPS = 1e-6
-ESTIMATORS: dict[str, Callable] = {}
+ESTIMATORS, register = make_registry()
 
-
-def register(name: str):
-    def deco(fn):
-        ESTIMATORS[name] = fn
-        return fn
-    return deco
 
 
 @register("grpo")

@@ -17,19 +17,13 @@ Counts use float32 products of r with lengths, as the jitted loss computes them.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-CRITERIA: dict[str, Callable] = {}
+from tsched.registry import make_registry
 
+CRITERIA, register = make_registry()
 
-def register(name: str):
-    def deco(fn):
-        CRITERIA[name] = fn
-        return fn
-    return deco
 
 
 def _lengths(mask):

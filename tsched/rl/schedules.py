@@ -16,18 +16,12 @@ Profiles, each a registered pure function of p (formulas of the reference implem
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax.numpy as jnp
 
-PROFILES: dict[str, Callable] = {}
+from tsched.registry import make_registry
 
+PROFILES, register = make_registry()
 
-def register(name: str):
-    def deco(fn):
-        PROFILES[name] = fn
-        return fn
-    return deco
 
 
 @register("linear")

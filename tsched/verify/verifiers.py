@@ -12,20 +12,16 @@ import re
 from fractions import Fraction
 from typing import Callable
 
+from tsched.registry import make_registry
+
 Check = Callable[[str, str], tuple[float, str]]
-VERIFIERS: dict[str, Check] = {}
+VERIFIERS, register = make_registry()
 
 MAX_ANSWER_CHARS = 200  # an extracted final answer longer than this is not an answer
 MAX_NUMBER_DIGITS = 64  # bounds big-int parsing and comparison
 _ANSWER_RE = re.compile(r"Answer:[ \t]*([^\n]*)")
 _NUMBER_RE = re.compile(r"^[+-]?(\d{1,64}(\.\d{1,64})?|\.\d{1,64})(/\d{1,64})?$")
 
-
-def register(name: str):
-    def deco(fn: Check) -> Check:
-        VERIFIERS[name] = fn
-        return fn
-    return deco
 
 
 def extract_tagged(text: str) -> str | None:
