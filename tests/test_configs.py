@@ -10,7 +10,9 @@ import pytest
 from tests.tiny import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+PLAN_ONLY = {"qwen3_4b_tpu"}  # a 4B model: checked by tests/test_plan.py, not trained here
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if os.path.basename(p)[:-3] not in PLAN_ONLY)
 pytestmark = pytest.mark.slow
 
 
@@ -39,5 +41,5 @@ def test_config_trains(path, tmp_path_factory):
     rows = [json.loads(ln) for ln in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
     rl = [r for r in rows if r["phase"] == "rl"]
     assert len(rl) == 3 and all(r["loss"] == r["loss"] for r in rl)  # no NaN
-    if cfg.rl.credit.strategy == "off_policy":
-        assert rl[0]["magnitude"] > 0.5
+    # 3 steps, decay over int(3 * 0.8) = 2 of them: r = m (1 - 1/2) at the first step
+    assert rl[0]["magnitude"] == pytest.approx(cfg.rl.schedule.initial_magnitude * (0.5 if cfg.rl.schedule.mode == "linear" else 1))

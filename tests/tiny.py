@@ -29,9 +29,9 @@ def tiny(cfg, tmp, name, **extra):
     return cfg
 
 
-def cli(cfg, config_file="configs/default.py", **extra):
+def cli(cfg, config_file="configs/default.py", run_dir=None, **extra):
     """The command line that runs `cfg` (built by `tiny`) as `python -m tsched.main`."""
     args = [f"--config.{k}={v}" for k, v in TINY.items()]
-    args += [f"--config.run_dir={cfg.run_dir}", f"--config.data.data_dir={cfg.data.data_dir}"]
+    args += [f"--config.run_dir={run_dir or cfg.run_dir}", f"--config.data.data_dir={cfg.data.data_dir}"]
     args += [f"--config.{k}={v}" for k, v in extra.items()]
     return [sys.executable, "-m", "tsched.main", f"--config={config_file}", *args]

@@ -52,7 +52,10 @@ def test_few_step_run_writes_summary_logs_and_checkpoints(uninterrupted):
 def test_killed_run_resumes_to_the_same_parameters(uninterrupted):
     tmp, full_cfg, _ = uninterrupted
     cfg = tiny(base_config(), tmp, "killed")
-    proc = subprocess.Popen(cli(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Launched from the temp dir with a relative run_dir, as users do from their own working directory.
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    command = lambda **extra: cli(cfg, os.path.join(ROOT, "configs", "default.py"), run_dir="killed", **extra)
+    proc = subprocess.Popen(command(), cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(cfg.run_dir, "ckpt", "rl", "2")
     deadline = time.monotonic() + 600
     while not os.path.isdir(ckpt) and proc.poll() is None and time.monotonic() < deadline:
@@ -62,10 +65,11 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted):
     done = sorted(int(s) for s in os.listdir(os.path.dirname(ckpt)) if s.isdigit())
     assert done and done[-1] < 8, f"the run was not interrupted mid-RL: checkpoints {done}"
 
-    out = subprocess.run(cli(cfg, **{"train.resume": True}), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(command(**{"train.resume": True}), cwd=tmp, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed RL at step {done[-1]}" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == os.path.join(cfg.run_dir, "summary.json")
+    assert out.stdout.strip().splitlines()[-1] == os.path.join("killed", "summary.json")
 
     a, b = final_params(full_cfg.run_dir, 8), final_params(cfg.run_dir, 8)
     flat_a, flat_b = (sorted(_flatten(t).items()) for t in (a, b))

@@ -7,6 +7,8 @@ state namedtuples come back as namedtuples and arrays land with the shardings of
 
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -16,7 +18,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
                                                # Synchronous: the next step donates the state buffers.
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        # Orbax needs absolute paths; run_dir is usually relative to where the user launched.
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

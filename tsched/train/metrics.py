@@ -70,7 +70,8 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
                 ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k)
         ax.set_title(title)
         ax.set_xlabel("RL step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
