@@ -85,3 +85,13 @@ def test_clear_errors(hf_model, tmp_path):
     shutil.copy(f"{path}/model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="mlp.gate_proj.weight"):
         model.load_pretrained(str(tmp_path))
+
+
+def test_index_sharded_checkpoint_loads_the_same(hf_model, tmp_path):
+    kind, m, path = hf_model
+    m.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    _, a = model.load_pretrained(path)
+    _, b = model.load_pretrained(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
