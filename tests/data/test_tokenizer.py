@@ -1,6 +1,5 @@
 import os
 
-import numpy as np
 
 from tsched.data import tasks
 from tsched.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_or_train, train_tokenizer

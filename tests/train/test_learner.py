@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-from tsched import model
 from tsched.config import base_config
 from tsched.rl import objective
 from tsched.train import learner

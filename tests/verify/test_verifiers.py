@@ -2,7 +2,7 @@
 
 import pytest
 
-from tsched.verify.verifiers import VERIFIERS, extract_boxed, extract_math, extract_tagged
+from tsched.verify.verifiers import VERIFIERS, extract_math, extract_tagged
 
 
 @pytest.mark.parametrize("text,want", [
