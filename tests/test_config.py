@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.tiny import set_field
 from tsched.config import base_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,11 +43,7 @@ def test_bad_config_fails_fast_naming_the_field(override, needle, tmp_path):
 ])
 def test_validate_names_field_and_allowed_values(field, value, needle):
     cfg = base_config()
-    node = cfg
-    *parents, leaf = field.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    set_field(cfg, field, value)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         validate(cfg)
 

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.tiny import set_field
 from tsched.config import base_config
 from tsched.rl import objective
 from tsched.train import learner
@@ -19,11 +20,7 @@ def make_cfg(**rl):
     cfg.rl.prompts_per_step = B
     cfg.rl.steps = 10
     for k, v in rl.items():
-        node = cfg.rl
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+        set_field(cfg.rl, k, v)
     return cfg
 
 
