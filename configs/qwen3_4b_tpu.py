@@ -21,6 +21,7 @@ def get_config():
     c.model.preset = "qwen3-4b"
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True
     c.tokenizer.vocab_size = 151936
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     c.data.prompt_len = 512

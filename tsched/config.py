@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # compute dtype of matmul inputs; accumulation and weights stay float32
     c.model.remat = False
+    c.model.scan_layers = False  # nn.scan over layers in full passes: True for deep models (compile time)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes

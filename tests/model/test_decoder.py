@@ -27,12 +27,12 @@ def test_cached_decode_equals_full_forward(tiny_model_cfg, variant):
     params = model.init_params(cfg, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (3, 10), 0, cfg.vocab_size)
     full = model.forward(cfg, params, tokens)
-    cache = model.init_cache(cfg, 3, 10)
+    cache, layers = model.init_cache(cfg, 3, 10), model.unstack_layers(params)
     slots = jnp.arange(10)
     outs = []
     for t in range(10):  # one token at a time through the cache
         mask = jnp.broadcast_to((slots <= t)[None, None, :], (3, 1, 10))
-        logits, cache = model.apply_cached(cfg, params, tokens[:, t:t + 1], jnp.full((3, 1), t), mask, cache, t)
+        logits, cache = model.apply_unrolled(cfg, layers, tokens[:, t:t + 1], jnp.full((3, 1), t), mask, cache, t)
         outs.append(logits[:, 0])
     tol = 1e-4 if cfg.dtype == "float32" else 5e-2
     np.testing.assert_allclose(np.asarray(jnp.stack(outs, 1)), np.asarray(full), atol=tol, rtol=tol)
@@ -66,8 +66,58 @@ def test_rope_is_relative():
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
 
 
-def test_remat_and_scan_give_same_gradients(tiny_model_cfg, tiny_params):
+@pytest.mark.parametrize("variant", [{"remat": True}, {"scan_layers": False}, {"scan_layers": False, "remat": True}])
+def test_remat_and_unrolled_layers_match_scan(tiny_model_cfg, tiny_params, variant):
     tokens = jax.random.randint(jax.random.key(6), (2, 7), 0, tiny_model_cfg.vocab_size)
-    loss = lambda cfg: jax.grad(lambda p: jnp.sum(model.forward(cfg, p, tokens) ** 2))(tiny_params)
-    g1, g2 = loss(tiny_model_cfg), loss(dataclasses.replace(tiny_model_cfg, remat=True))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), g1, g2)
+    loss = lambda cfg: jax.value_and_grad(lambda p: jnp.sum(model.forward(cfg, p, tokens) ** 2))(tiny_params)
+    base = dataclasses.replace(tiny_model_cfg, scan_layers=True, remat=False)
+    (l1, g1), (l2, g2) = loss(base), loss(dataclasses.replace(base, **variant))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5), g1, g2)
+
+
+@pytest.mark.parametrize("eq,shapes", [("btd,df->btf", ((2, 3, 4), (4, 6))), ("btf,df->btd", ((2, 3, 6), (4, 6))),
+                                       ("btd,dhk->bthk", ((2, 3, 4), (4, 2, 5))),
+                                       ("bkqm,bkmn->bkqn", ((2, 2, 12, 5), (2, 2, 5, 3)))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mm_gradient_rule_matches_autodiff_of_einsum(eq, shapes, dtype):
+    a, b = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes))
+    w = jax.random.normal(jax.random.key(9), jnp.einsum(eq, a, b).shape)
+    dt = jnp.dtype(dtype)
+    ref = lambda a, b: jnp.sum(w * jnp.einsum(eq, a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32))
+    ours = lambda a, b: jnp.sum(w * decoder.mm(eq, a, b, dt))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for x, y in zip(jax.grad(ref, (0, 1))(a, b), jax.grad(ours, (0, 1))(a, b)):
+        assert x.dtype == y.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def test_decode_matvec_attention_equals_matmul():
+    # bmm switches to a multiply-reduce for a few query rows; both forms are the same product.
+    a, b = jax.random.normal(jax.random.key(0), (3, 2, 4, 16)), jax.random.normal(jax.random.key(1), (3, 2, 16, 7))
+    np.testing.assert_allclose(np.asarray(decoder.bmm(a, b, jnp.float32)), np.asarray(jnp.einsum("bkqm,bkmn->bkqn", a, b)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_gradient_rule_matches_autodiff(dtype):
+    # Causal mask with left padding: row 0's first queries see no key at all (a fully masked row).
+    B, K, G, T, Dh = 2, 2, 3, 5, 4
+    q, k, v, w = (jax.random.normal(jax.random.key(i), s) for i, s in
+                  enumerate([(B, K, G * T, Dh), (B, K, Dh, T), (B, K, T, Dh), (B, K, G * T, Dh)]))
+    slots = jnp.arange(T)
+    mask = (slots[None, :, None] >= slots[None, None, :]) & (slots[None, None, :] >= jnp.array([2, 0])[:, None, None])
+    mask = mask & (slots[None, :, None] >= jnp.array([2, 0])[:, None, None])
+    dt = jnp.dtype(dtype)
+
+    def ref(q, k, v):
+        s = jnp.einsum("bkqd,bkds->bkqs", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None], s.reshape(B, K, G, T, T) / np.sqrt(Dh), decoder.NEG_INF)
+        p = jax.nn.softmax(s, -1).reshape(B, K, G * T, T)
+        return jnp.sum(w * jnp.einsum("bkqs,bksd->bkqd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32))
+
+    ours = lambda q, k, v: jnp.sum(w * decoder.attention(q, k, v, mask, dt))
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(float(ours(q, k, v)), float(ref(q, k, v)), rtol=tol)
+    for x, y in zip(jax.grad(ref, (0, 1, 2))(q, k, v), jax.grad(ours, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=tol, atol=tol)

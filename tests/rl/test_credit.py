@@ -101,3 +101,14 @@ def test_entropy_adv_bonus_has_no_gradient_through_entropy():
     adv, mask, ent = make_batch(2)
     g = jax.grad(lambda e: jnp.sum(credit.allocate("entropy_adv", jnp.float32(0.5), adv, mask, e, CFG)[1]))(ent)
     assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_forking_with_many_ties_takes_earliest_first(seed):
+    adv, mask, _ = make_batch(seed, N=16, T=20)
+    ent = np.random.default_rng(seed).choice([0.0, 0.5, 1.0], size=mask.shape).astype(np.float32)
+    for r in (0.2, 0.5, 0.8):
+        sel, tadv = credit.allocate("forking", jnp.float32(r), adv, mask, ent, CFG)
+        want_sel, want_adv = ref("forking", r, adv, mask, ent)
+        np.testing.assert_array_equal(np.asarray(sel), want_sel)
+        np.testing.assert_allclose(np.asarray(tadv), want_adv, rtol=1e-6)

@@ -3,7 +3,8 @@
     python -m tsched.bench.loss [--seqs 64 --tokens 1024 --vocab 32000 --micro 8 --repeats 5]
 
 Times one jitted value-and-gradient of the RL objective with respect to the logits (log-softmax,
-entropy, credit allocation, PPO-clip, aggregation) at a realistic shape, processed in `--micro`
+entropy, credit allocation, PPO-clip, aggregation, and the metric sums the learner always reports,
+entropy by stage among them) at a realistic shape, processed in `--micro`
 micro-batches with `lax.scan` as the learner does (64 x 1024 x 32k float32 logits are 8 GiB at once).
 The model forward and backward are the same for every strategy and are left out, so the ratios are an
 upper bound on the overhead of scheduling inside a full train step. Prints a table (median seconds).
@@ -37,14 +38,14 @@ def make_loss(strategy: str, micro: int):
             lg, tg, m, a = mb
             def f(lg):
                 logp, ent = objective.token_stats_from_logits(lg, tg, rl.temperature)
-                num, den, _ = objective.policy_loss(rl, r, logp, ent, a, m)
-                return num, den
-            (num, den), g = jax.value_and_grad(f, has_aux=True)(lg)
-            return (carry[0] + num, carry[1] + den), g
+                num, den, sums = objective.policy_loss(rl, r, logp, ent, a, m)
+                return num, (den, sums)
+            (num, (den, sums)), g = jax.value_and_grad(f, has_aux=True)(lg)
+            return (carry[0] + num, carry[1] + den), (g, sums)
 
         split = lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:])
-        (num, den), grads = jax.lax.scan(one, (0.0, 0.0), tuple(map(split, (logits, targets, mask, adv))))
-        return num / den, grads
+        (num, den), (grads, sums) = jax.lax.scan(one, (0.0, 0.0), tuple(map(split, (logits, targets, mask, adv))))
+        return num / den, grads, sums
 
     return value_and_grad
 

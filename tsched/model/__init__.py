@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from tsched.model.decoder import Decoder, ModelConfig, Params
+from tsched.model import decoder
+from tsched.model.decoder import Decoder, ModelConfig, Params, apply_unrolled, unstack_layers
 from tsched.model.hf import load_pretrained, save_pretrained
 
 __all__ = ["ModelConfig", "Params", "config_from", "init_params", "logical_axes", "forward", "init_cache",
-           "apply_cached", "positions_from_valid", "load_pretrained", "save_pretrained"]
+           "apply_unrolled", "unstack_layers", "positions_from_valid", "load_pretrained", "save_pretrained"]
 
 
 def config_from(model_cfg, vocab_size: int) -> ModelConfig:
@@ -18,12 +19,14 @@ def config_from(model_cfg, vocab_size: int) -> ModelConfig:
     from tsched.model import presets
 
     if model_cfg.preset:
-        return presets.get(model_cfg.preset, dtype=model_cfg.dtype, remat=model_cfg.remat)
+        return presets.get(model_cfg.preset, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                           scan_layers=model_cfg.scan_layers)
     m = model_cfg
     return ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                        n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, qk_norm=m.qk_norm, qkv_bias=m.qkv_bias,
-                       tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat)
+                       tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
+                       scan_layers=m.scan_layers)
 
 
 def _dummy(cfg: ModelConfig):
@@ -53,16 +56,16 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Arra
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
-    logits, _ = Decoder(cfg).apply({"params": params}, tokens, positions_from_valid(valid), mask)
-    return logits
+    positions = positions_from_valid(valid)
+    if cfg.scan_layers:
+        return Decoder(cfg).apply({"params": params}, tokens, positions, mask)
+    return apply_unrolled(cfg, unstack_layers(params), tokens, positions, mask)[0]
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """Empty KV cache {'k', 'v': [L, B, S, K, Dh]} in the compute dtype."""
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-
-def apply_cached(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index):
-    """One cached step: tokens [B, T] written at slot `write_index`; returns (logits [B, T, V], cache)."""
-    return Decoder(cfg).apply({"params": params}, tokens, positions, mask, cache, write_index)
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
+    """Empty KV cache holding compute-dtype values: per layer {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}
+    (stored as `decoder.cache_dtype`)."""
+    k, v = (batch, cfg.n_kv_heads, cfg.head_dim, length), (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    dt = decoder.cache_dtype(cfg.compute_dtype)
+    return tuple({"k": jnp.zeros(k, dt), "v": jnp.zeros(v, dt)}
+                 for _ in range(cfg.n_layers))

@@ -1,8 +1,9 @@
 """The Llama / Qwen family decoder in Flax linen, with logical axis names on every parameter.
 
 RMSNorm, rotary embeddings (optionally llama3-scaled), grouped-query attention with an optional KV cache,
-optional q/k RMSNorm (Qwen3) and qkv bias (Qwen2), SwiGLU MLP, tied or untied embeddings. Layers are
-stacked on a leading 'layers' axis and run under `nn.scan`, so compile time does not grow with depth.
+optional q/k RMSNorm (Qwen3) and qkv bias (Qwen2), SwiGLU MLP, tied or untied embeddings. Layer
+parameters are stacked on a leading 'layers' axis; full passes run them under `nn.scan` (compile time
+independent of depth) or unrolled (`scan_layers=False`, faster on CPU); cached decoding is unrolled.
 
 Compute dtype: weights are float32 masters; with `dtype='bfloat16'` matmul inputs are cast to bf16 and
 accumulate in float32 (`preferred_element_type`), which is also the fast path of CPUs with avx512_bf16.
@@ -15,6 +16,7 @@ K kv heads, G = H // K, Dh head_dim, F ffn, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -44,6 +46,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     remat: bool = False
+    # Full passes (training, scoring) run the layers under nn.scan (compile time independent of depth)
+    # or unrolled (faster on CPU: no stacked residual buffers). Cached decoding is always unrolled.
+    scan_layers: bool = False
 
     @property
     def compute_dtype(self):
@@ -80,18 +85,138 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 def mm(eq: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     """einsum with inputs cast to the compute dtype and float32 accumulation."""
-    return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return _einsum(eq, a.astype(dtype), b.astype(dtype))
 
 
-def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, fan_in: int | None, scale: float = 1.0):
-    """A float32 parameter with logical axes; fan_in None = ones (norm scales), 0 = zeros (biases)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(eq, a, b):
+    return _einsum(eq, a, b), (a, b)
+
+
+def _einsum_bwd(eq, res, g):
+    """Both cotangents as einsums whose first operand is the smaller one.
+
+    Why a custom rule: XLA:CPU lowers a contraction over leading dims (the weight gradient sum_bt x g)
+    by materialising the transpose of its left operand. The default transpose rule puts the output
+    cotangent there, which for an up-projection is 4x larger than the activation and was fused with
+    the elementwise backward into a strided copy costing more than every matmul of the layer.
+    """
+    a, b = res
+    ins, out = eq.split("->")
+    sa, sb = ins.split(",")
+    g = g.astype(a.dtype)
+
+    def grad(target, x, sx, y, sy):
+        first, second = ((x, sx), (y, sy)) if x.size <= y.size else ((y, sy), (x, sx))
+        eq_t = f"{first[1]},{second[1]}->{target}"
+        return jnp.einsum(eq_t, first[0], second[0], preferred_element_type=jnp.float32)
+
+    da = grad(sa, g, out, b, sb)
+    db = grad(sb, a, sa, g, out)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, fan_in: int | None, scale: float = 1.0,
+           draw_transposed: bool = False):
+    """A float32 parameter with logical axes; fan_in None = ones (norm scales), 0 = zeros (biases).
+
+    draw_transposed: draw a 2-d normal init as shape[::-1] and transpose it, so a matrix whose storage
+    was transposed keeps the initial values of the earlier layout (and runs keep their results).
+    """
     if fan_in is None:
         init = nn.initializers.ones
     elif fan_in == 0:
         init = nn.initializers.zeros
     else:
         init = nn.initializers.normal(scale / math.sqrt(fan_in))
+        if draw_transposed:
+            init = lambda key, shape, dtype, draw=init: draw(key, shape[::-1], dtype).T
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def bmm(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """Batched matmul a [B, K, Q, M] @ b [B, K, M, N] -> [B, K, Q, N] float32 (the attention contractions).
+
+    With a single query token (Q = heads per kv head) it is a matrix-vector product bound by reading
+    the KV cache, so it runs as one fused multiply-reduce pass over the cache rather than B*K tiny
+    matmuls: 3x faster per decode step on XLA:CPU.
+    """
+    if a.shape[2] > 8:  # more query rows than one token's heads per kv head: a real matmul
+        return mm("bkqm,bkmn->bkqn", a, b, dtype)
+    a, b = a.astype(dtype).astype(jnp.float32), b.astype(dtype)
+    return jnp.sum(a[..., None] * b[:, :, None], axis=-2, dtype=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """Softmax attention: q [B, K, G*T, Dh], k [B, K, Dh, S], v [B, K, S, Dh], mask [B, T, S] -> [B, K, G*T, Dh].
+
+    Query rows are (g, t) pairs, G query heads sharing each of the K kv heads.
+    """
+    return _attention_fwd(q, k, v, mask, dtype)[0]
+
+
+def _attention_fwd(q, k, v, mask, dtype):
+    B, K, Q, Dh = q.shape
+    T, S = mask.shape[1:]
+    scores = bmm(q, k, dtype).reshape(B, K, Q // T, T, S) / math.sqrt(Dh)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(B, K, Q, S)
+    o = bmm(probs, v, dtype)
+    return o, (q, k, v, probs, o, mask)
+
+
+def _attention_bwd(dtype, res, do):
+    """The textbook backward, as four plain matmuls and one elementwise pass.
+
+    Why: autodiff of softmax fused the dp matmul and the softmax derivative into one XLA:CPU kernel that
+    ran at ~10 GFLOP/s; rowsum(p * dp) = rowsum(do * o) also avoids a reduction over the [Q, S] scores.
+    """
+    q, k, v, p, o, mask = res
+    B, K, Q, Dh = q.shape
+    T, S = mask.shape[1:]
+    f32 = lambda eq, a, b: jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    dp = f32("bkqd,bksd->bkqs", do, v)
+    ds = (p * (dp - jnp.sum(do * o, axis=-1, keepdims=True)) / math.sqrt(Dh)).reshape(B, K, Q // T, T, S)
+    ds = jnp.where(mask[:, None, None], ds, 0.0).reshape(B, K, Q, S)  # masked scores are constants
+    dq = f32("bkqs,bkds->bkqd", ds, k)
+    dk = f32("bkqd,bkqs->bkds", q, ds)
+    dv = f32("bkqd,bkqs->bkds", do, p).swapaxes(-1, -2)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cache_dtype(dtype) -> jnp.dtype:
+    """Storage type of the KV cache for a compute dtype: bfloat16 values are kept as their uint16 bit
+    patterns, because XLA:CPU rewrites a whole bf16 array on a one-column dynamic-update-slice (1.3 ms
+    per layer per token at the reference shape) but updates a uint16 one in place (0.007 ms)."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def to_cache(x: jax.Array, dtype, storage) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x.astype(dtype), storage)
+
+
+def from_cache(c: jax.Array, dtype) -> jax.Array:
+    """The cached values; bf16 ones widened to float32 by a shift, exact and fused into the reader (a
+    bitcast back to bf16 made XLA copy the whole cache out of the in-place update)."""
+    if c.dtype == jnp.uint16:  # see cache_dtype
+        return jax.lax.bitcast_convert_type(c.astype(jnp.uint32) << 16, jnp.float32)
+    return c
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 class RMSNorm(nn.Module):
@@ -100,18 +225,21 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), None)
-        x = x.astype(jnp.float32)
-        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+        return rms_norm(x, _param(self, "scale", (x.shape[-1],), (self.axis_name,), None), self.eps)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer. Returns the new residual stream and the updated layer cache."""
+    """One pre-norm decoder layer. Returns the new residual stream and the updated layer cache.
+
+    Keys are kept as [B, K, Dh, S] and values as [B, K, S, Dh], with or without a cache: both attention
+    contractions then read their operand in the layout XLA:CPU's matmul wants, which made single-token
+    decode attention 6x faster than the [B, S, K, Dh] layout (it was transposed on every step).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, positions, mask, write_index):
+    def __call__(self, x, positions, mask, cache=None, write_index=0):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
@@ -130,19 +258,21 @@ class Block(nn.Module):
             k = RMSNorm(cfg.norm_eps, "head_dim", name="k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, Dh, T], [B, K, T, Dh]
 
         if cache is not None:
             # Write this call's keys/values at `write_index` and attend over every slot; `mask` hides
-            # slots not written yet. The cache is donated by the sampler, so this update is in place.
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, write_index, 0, 0))
-            cache = {"k": k, "v": v}
-        B, T = q.shape[:2]
-        q = q.reshape(B, T, K, H // K, Dh)
-        scores = mm("btkgd,bskd->bkgts", q, k, dt) / math.sqrt(Dh)
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1)
-        o = mm("bkgts,bskd->btkgd", probs, v, dt).reshape(B, T, H, Dh)
+            # slots not written yet. The sampler carries the cache through its loop, so this is in place.
+            write = lambda c, x, at: jax.lax.dynamic_update_slice(c, to_cache(x, dt, c.dtype), at)
+            cache = {"k": write(cache["k"], k, (0, 0, 0, write_index)),
+                     "v": write(cache["v"], v, (0, 0, write_index, 0))}
+            k, v = from_cache(cache["k"], dt), from_cache(cache["v"], dt)
+        # Queries as [B, K, G*T, Dh]: both contractions are then plain batched matmuls (XLA:CPU has no
+        # bf16 x bf16 -> f32 kernel for some 5-d dot layouts, and these need no transposes of the cache).
+        B, T, G = q.shape[0], q.shape[1], H // K
+        q = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
+        o = attention(q, k, v, mask, dt)
+        o = o.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
         wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", "embed"), H * Dh, out_scale)
         x = x + mm("bthk,hkd->btd", o, wo, dt)
 
@@ -150,32 +280,69 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x)
         gate = mm("btd,df->btf", h, _param(self, "gate", (D, F), ("embed", "mlp"), D), dt)
         up = mm("btd,df->btf", h, _param(self, "up", (D, F), ("embed", "mlp"), D), dt)
-        x = x + mm("btf,fd->btd", jax.nn.silu(gate) * up,
-                   _param(self, "down", (F, D), ("mlp", "embed"), F, out_scale), dt)
+        # down is stored [D, F] (as in HF): its weight gradient then transposes the small [T, D] cotangent
+        # rather than the [T, F] activation (see _einsum_bwd).
+        x = x + mm("btf,df->btd", jax.nn.silu(gate) * up,
+                   _param(self, "down", (D, F), ("embed", "mlp"), F, out_scale, draw_transposed=True), dt)
         return x, cache
 
 
+def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Output projection of the final-normed residual stream x [B, T, D] -> logits [B, T, V] float32."""
+    if cfg.tie_embeddings:
+        return mm("btd,vd->btv", x, params["embedding"], cfg.compute_dtype)
+    return mm("btd,dv->btv", x, params["lm_head"], cfg.compute_dtype)
+
+
 class Decoder(nn.Module):
+    """The full causal pass with layers under `nn.scan`; it also defines the (stacked) parameters."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, write_index=0):
-        """tokens, positions [B, T]; mask [B, T, S] bool; cache {'k','v': [L, B, S, K, Dh]} or None.
-
-        Returns (logits [B, T, V] float32, updated cache or None).
-        """
+    def __call__(self, tokens, positions, mask):
+        """tokens, positions [B, T]; mask [B, T, T] bool -> logits [B, T, V] float32."""
         cfg = self.cfg
-        emb = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1, 0.02)
-        x = jnp.take(emb, tokens, axis=0)
+        params = {"embedding": _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1,
+                                      0.02)}
+        x = jnp.take(params["embedding"], tokens, axis=0)
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, cache = layers(cfg, name="layers")(x, cache, positions, mask, write_index)
+        x, _ = layers(cfg, name="layers")(x, positions, mask)
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = mm("btd,vd->btv", x, emb, cfg.compute_dtype)
-        else:
-            head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model)
-            logits = mm("btd,dv->btv", x, head, cfg.compute_dtype)
-        return logits, cache
+        if not cfg.tie_embeddings:
+            params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model)
+        return unembed(cfg, params, x)
+
+
+def unstack_layers(params: Params) -> Params:
+    """params with 'layers' split from one stacked tree [L, ...] into a tuple of L per-layer trees.
+
+    The sampler does this once before its decode loop: per-layer weights and caches are separate
+    buffers, so a decode step neither slices the stacked weights nor re-stacks the cache.
+    """
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], params["layers"]) for i in range(n_layers))}
+
+
+def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0):
+    """The decoder with layers unrolled in Python over `params` from `unstack_layers`.
+
+    tokens, positions [B, T]; mask [B, T, S] bool. Without a cache S = T (a full pass); with one, the
+    tokens are written at slot `write_index` of a cache that is a tuple over layers of
+    {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (logits [B, T, V], updated cache or None).
+    Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
+    and re-stack the whole cache on every token; a full pass keeps each layer's residuals in their own
+    buffers rather than zero-filled stacks. Compile time grows with depth (see `scan_layers`).
+    """
+    x = jnp.take(params["embedding"], tokens, axis=0)
+    block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
+    caches = [None] * len(params["layers"]) if cache is None else cache
+    new_cache = []
+    for layer_params, layer_cache in zip(params["layers"], caches, strict=True):
+        x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index)
+        new_cache.append(layer_cache)
+    x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+    return unembed(cfg, params, x), None if cache is None else tuple(new_cache)

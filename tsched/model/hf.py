@@ -74,7 +74,7 @@ def _layer_map(cfg: ModelConfig):
         ("post_attention_layernorm.weight", ("mlp_norm", "scale"), lambda w: w, (D,)),
         ("mlp.gate_proj.weight", ("gate",), lambda w: w.T, (F, D)),
         ("mlp.up_proj.weight", ("up",), lambda w: w.T, (F, D)),
-        ("mlp.down_proj.weight", ("down",), lambda w: w.T, (D, F)),
+        ("mlp.down_proj.weight", ("down",), lambda w: w, (D, F)),
     ]
     if cfg.qkv_bias:
         rows += [(f"self_attn.{n}_proj.bias", (f"{n}_bias",), lambda w, c=c: w.reshape(c, Dh), (c * Dh,))
@@ -134,7 +134,7 @@ def save_pretrained(path: str, cfg: ModelConfig, params) -> None:
         hf["attention_bias"] = False
     inverse = {("q",): lambda w: w.reshape(D, -1).T, ("k",): lambda w: w.reshape(D, -1).T,
                ("v",): lambda w: w.reshape(D, -1).T, ("o",): lambda w: w.reshape(H * Dh, D).T,
-               ("gate",): lambda w: w.T, ("up",): lambda w: w.T, ("down",): lambda w: w.T}
+               ("gate",): lambda w: w.T, ("up",): lambda w: w.T, ("down",): lambda w: w}
     out = {"model.embed_tokens.weight": np.asarray(params["embedding"], np.float32),
            "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
     for suffix, dest, _, _ in _layer_map(cfg):

@@ -52,10 +52,15 @@ def trajectory_percentile(r, adv, mask, entropies, cfg):
 def forking(r, adv, mask, entropies, cfg):
     n = _lengths(mask)
     keep = jnp.clip(jnp.ceil((1.0 - r) * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
-    # rank of each token by entropy within its row (0 = highest); padding ranks last
-    order = jnp.argsort(jnp.where(mask, -entropies, jnp.inf), axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)
-    selected = mask & (rank < keep[:, None])
+    # The keep-th highest entropy of the row is the threshold: tokens above it are selected, and of the
+    # tokens equal to it the earliest ones fill the remaining places. One value sort, where ranking by
+    # argsort of an argsort cost two key-value sorts.
+    neg = jnp.where(mask, -entropies, jnp.inf)  # ascending order = highest entropy first, padding last
+    threshold = jnp.take_along_axis(jnp.sort(neg, axis=-1), jnp.maximum(keep - 1, 0)[:, None], axis=-1)
+    above = neg < threshold
+    ties = mask & (neg == threshold)
+    room = keep[:, None] - jnp.sum(above, axis=-1, keepdims=True)
+    selected = mask & (keep[:, None] > 0) & (above | (ties & (jnp.cumsum(ties, axis=-1) <= room)))
     return selected, adv[:, None] * selected
 
 

@@ -3,7 +3,9 @@
 No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
 same cache slot P + i at decode step i; rows that emitted EOS keep writing padding until all rows are
 done or `max_new_tokens` is reached. The prompt is prefilled once and its cache repeated G times for
-the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b).
+the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
+split per layer once before the loop (`unstack_layers`, one extra copy of the weights while sampling),
+so a decode step reads each layer's weights and cache where they are and updates the cache in place.
 """
 
 from __future__ import annotations
@@ -73,11 +75,12 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     valid = slots[None, :P] >= pad_len[:, None]  # [B, P]
     mask = (slots[None, :P, None] >= slots[None, None, :]) & (slots[None, None, :] >= pad_len[:, None, None])
     positions = jnp.maximum(slots[None, :P] - pad_len[:, None], 0) * valid
+    params = model_lib.unstack_layers(params)
     cache = model_lib.init_cache(cfg, B, S)
-    logits, cache = model_lib.apply_cached(cfg, params, prompts, positions, mask, cache, 0)
+    logits, cache = model_lib.apply_unrolled(cfg, params, prompts, positions, mask, cache, 0)
 
     # ---- G copies of every prompt's cache and last logits
-    cache = jax.tree.map(lambda c: jnp.repeat(c, G, axis=1), cache)
+    cache = jax.tree.map(lambda c: jnp.repeat(c, G, axis=0), cache)
     last = jnp.repeat(logits[:, -1], G, axis=0)  # [N, V]
     pad_len = jnp.repeat(pad_len, G)
     N = B * G
@@ -97,7 +100,7 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
         slot = P + i
         step_mask = ((slots <= slot)[None, :] & (slots[None, :] >= pad_len[:, None]))[:, None, :]
-        logits, cache = model_lib.apply_cached(cfg, params, tok[:, None], (slot - pad_len)[:, None], step_mask,
+        logits, cache = model_lib.apply_unrolled(cfg, params, tok[:, None], (slot - pad_len)[:, None], step_mask,
                                                cache, slot)
         return i + 1, cache, logits[:, 0], done, lengths, tokens, logps
 
