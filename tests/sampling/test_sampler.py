@@ -49,10 +49,10 @@ def test_deterministic_for_a_key_and_different_across_keys(tiny_model_cfg, tiny_
     assert len({tuple(r) for r in np.asarray(a["tokens"])[:3]}) > 1
 
 
-def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg, tiny_params):
+@pytest.mark.parametrize("T", [16, 7, 2, 1])  # decode chunks of equal and unequal sizes, fewer steps than chunks
+def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg, tiny_params, T):
     lens = [8, 2, 5]
     prompts, plens = prompts_batch(tiny_model_cfg, lens)
-    T = 16
     scfg = SamplingConfig(max_new_tokens=T, eos_id=-1, pad_id=PAD, temperature=0.0)
     out = sample(tiny_model_cfg, scfg, tiny_params, prompts, plens, jax.random.key(0))
     full = jnp.concatenate([prompts, out["tokens"]], 1)

@@ -2,7 +2,8 @@
 
 No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
 same cache slot P + i at decode step i; rows that emitted EOS keep writing padding until all rows are
-done or `max_new_tokens` is reached. The prompt is prefilled once and its cache repeated G times for
+done or `max_new_tokens` is reached. The loop runs as WINDOW_CHUNKS while-loops whose caches (and so
+attention windows) grow with the generated length. The prompt is prefilled once and its cache repeated G times for
 the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
 split per layer once before the loop (`unstack_layers`, one extra copy of the weights while sampling),
 so a decode step reads each layer's weights and cache where they are and updates the cache in place.
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 
 from tsched import model as model_lib
 from tsched.model import ModelConfig
+
+WINDOW_CHUNKS = 4  # decode-loop chunks with growing attention windows (compile time grows with it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +70,19 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     """
     B, P = prompts.shape
     G, T = scfg.num_samples, scfg.max_new_tokens
-    S = P + T
-    slots = jnp.arange(S)
+    # The decode loop runs in chunks whose caches end at P + ends[c]: attention reads only the slots a
+    # chunk can have written, not all P + T (at P = T/2 this reads a quarter fewer keys and values).
+    C = min(WINDOW_CHUNKS, T)
+    ends = sorted({-(-T * (c + 1) // C) for c in range(C)})
 
     # ---- prefill the prompts once
     pad_len = P - prompt_lens  # [B]
+    slots = jnp.arange(P + ends[0])
     valid = slots[None, :P] >= pad_len[:, None]  # [B, P]
     mask = (slots[None, :P, None] >= slots[None, None, :]) & (slots[None, None, :] >= pad_len[:, None, None])
     positions = jnp.maximum(slots[None, :P] - pad_len[:, None], 0) * valid
     params = model_lib.unstack_layers(params)
-    cache = model_lib.init_cache(cfg, B, S)
+    cache = model_lib.init_cache(cfg, B, P + ends[0])
     logits, cache = model_lib.apply_unrolled(cfg, params, prompts, positions, mask, cache, 0)
 
     # ---- G copies of every prompt's cache and last logits
@@ -84,10 +90,6 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     last = jnp.repeat(logits[:, -1], G, axis=0)  # [N, V]
     pad_len = jnp.repeat(pad_len, G)
     N = B * G
-
-    def cond(state):
-        i, _, _, done, *_ = state
-        return (i < T) & ~jnp.all(done)
 
     def body(state):
         i, cache, last, done, lengths, tokens, logps = state
@@ -99,12 +101,20 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
         slot = P + i
+        slots = jnp.arange(cache[0]["v"].shape[2])
         step_mask = ((slots <= slot)[None, :] & (slots[None, :] >= pad_len[:, None]))[:, None, :]
         logits, cache = model_lib.apply_unrolled(cfg, params, tok[:, None], (slot - pad_len)[:, None], step_mask,
-                                               cache, slot)
+                                                 cache, slot)
         return i + 1, cache, logits[:, 0], done, lengths, tokens, logps
 
     state = (jnp.int32(0), cache, last, jnp.zeros(N, bool), jnp.zeros(N, jnp.int32),
              jnp.full((N, T), scfg.pad_id, jnp.int32), jnp.zeros((N, T), jnp.float32))
-    _, _, _, _, lengths, tokens, logps = jax.lax.while_loop(cond, body, state)
+    for c, end in enumerate(ends):
+        if c:  # widen the cache to this chunk's window (one copy per chunk)
+            grow = end - ends[c - 1]
+            widen = lambda layer: {"k": jnp.pad(layer["k"], ((0, 0), (0, 0), (0, 0), (0, grow))),
+                                   "v": jnp.pad(layer["v"], ((0, 0), (0, 0), (0, grow), (0, 0)))}
+            state = (state[0], tuple(map(widen, state[1])), *state[2:])
+        state = jax.lax.while_loop(lambda st, end=end: (st[0] < end) & ~jnp.all(st[3]), body, state)
+    _, _, _, _, lengths, tokens, logps = state
     return {"tokens": tokens, "lengths": lengths, "logp": logps}
