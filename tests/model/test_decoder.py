@@ -95,8 +95,8 @@ def test_mm_gradient_rule_matches_autodiff_of_einsum(eq, shapes, dtype):
 def test_decode_matvec_attention_equals_matmul():
     # bmm switches to a multiply-reduce for a few query rows; both forms are the same product.
     a, b = jax.random.normal(jax.random.key(0), (3, 2, 4, 16)), jax.random.normal(jax.random.key(1), (3, 2, 16, 7))
-    np.testing.assert_allclose(np.asarray(decoder.bmm(a, b, jnp.float32)), np.asarray(jnp.einsum("bkqm,bkmn->bkqn", a, b)),
-                               rtol=1e-5, atol=1e-5)
+    want = jnp.einsum("bkqm,bkmn->bkqn", a, b)
+    np.testing.assert_allclose(np.asarray(decoder.bmm(a, b, jnp.float32)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -114,7 +114,8 @@ def test_attention_gradient_rule_matches_autodiff(dtype):
         s = jnp.einsum("bkqd,bkds->bkqs", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
         s = jnp.where(mask[:, None, None], s.reshape(B, K, G, T, T) / np.sqrt(Dh), decoder.NEG_INF)
         p = jax.nn.softmax(s, -1).reshape(B, K, G * T, T)
-        return jnp.sum(w * jnp.einsum("bkqs,bksd->bkqd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32))
+        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
+        return jnp.sum(w * o)
 
     ours = lambda q, k, v: jnp.sum(w * decoder.attention(q, k, v, mask, dt))
     tol = 1e-5 if dtype == "float32" else 3e-2

@@ -3,8 +3,8 @@
 No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
 same cache slot P + i at decode step i; rows that emitted EOS keep writing padding until all rows are
 done or `max_new_tokens` is reached. The loop runs as WINDOW_CHUNKS while-loops whose caches (and so
-attention windows) grow with the generated length. The prompt is prefilled once and its cache repeated G times for
-the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
+attention windows) grow with the generated length. The prompt is prefilled once and its cache repeated
+G times for the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
 split per layer once before the loop (`unstack_layers`, one extra copy of the weights while sampling),
 so a decode step reads each layer's weights and cache where they are and updates the cache in place.
 """
@@ -112,8 +112,8 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     for c, end in enumerate(ends):
         if c:  # widen the cache to this chunk's window (one copy per chunk)
             grow = end - ends[c - 1]
-            widen = lambda layer: {"k": jnp.pad(layer["k"], ((0, 0), (0, 0), (0, 0), (0, grow))),
-                                   "v": jnp.pad(layer["v"], ((0, 0), (0, 0), (0, grow), (0, 0)))}
+            widen = lambda layer, n=grow: {"k": jnp.pad(layer["k"], ((0, 0), (0, 0), (0, 0), (0, n))),
+                                           "v": jnp.pad(layer["v"], ((0, 0), (0, 0), (0, n), (0, 0)))}
             state = (state[0], tuple(map(widen, state[1])), *state[2:])
         state = jax.lax.while_loop(lambda st, end=end: (st[0] < end) & ~jnp.all(st[3]), body, state)
     _, _, _, _, lengths, tokens, logps = state
