@@ -18,7 +18,7 @@ Phases, each the median over `--steps` steady-state steps after one warm-up:
     sample     the jitted sampler (prefill + while_loop decode)
     score      a separate old-log-prob forward pass (reported; the on-policy update does not run it)
     verify     detokenized text through the verifier pool
-    loss       forward + backward of the scheduled RL objective (value_and_grad)
+    loss       forward + backward of the scheduled RL objective (the learner's `policy_gradient`)
     optimizer  the optax update
     rl_step    sample + verify + the fused jitted update (what one training step costs)
 """
@@ -36,7 +36,6 @@ import numpy as np
 from tsched import model as model_lib
 from tsched.config import base_config
 from tsched.model import ModelConfig
-from tsched.rl import objective
 from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.train import learner
 from tsched.verify.pool import VerifierPool
@@ -107,24 +106,9 @@ def run(dtype: str, args, peak: float) -> dict:
     score = jax.jit(lambda p: learner.token_stats(mcfg, p, tokens, valid, P)[0])
     t_score = median_time(lambda: score(params), args.steps)
 
-    def loss(p, mb):
-        logp, ent = learner.token_stats(mcfg, p, mb["tokens"], mb["valid"], P)
-        num, den, _ = objective.policy_loss(cfg.rl, jnp.float32(0.5), logp, ent, mb["adv"], mb["mask"])
-        return num, den
-
-    @jax.jit
-    def grad(p):  # over `--micro-batches` slices with summed gradients, as the learner's update
-        split = lambda x: x.reshape(args.micro_batches, -1, *x.shape[1:])
-        mbs = {"tokens": split(tokens), "valid": split(valid), "mask": split(mask), "adv": split(adv)}
-
-        def body(acc, mb):
-            (num, den), g = jax.value_and_grad(loss, has_aux=True)(p, mb)
-            return jax.tree.map(jnp.add, acc, (num, den, g)), None
-
-        zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, p))
-        (num, den, g), _ = jax.lax.scan(body, zeros, mbs)
-        return num / den, jax.tree.map(lambda x: x / den, g)
-
+    # the learner's own gradient computation, in `--micro-batches` slices
+    grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), tokens, valid, mask,
+                                                     adv, P)[:2])
     t_loss = median_time(lambda: grad(params), args.steps)
     grads = grad(params)[1]
     opt_state = tx.init(params)
@@ -198,7 +182,8 @@ def main(argv=None):
     results = [run(d, args, peaks[d]) for d in args.dtypes.split(",")]
     print(f"tsched.bench | {jax.devices()[0].device_kind} x {jax.device_count()} | matmul peak: "
           f"f32 {peaks['float32']:.0f} GFLOP/s, bf16-in/f32-acc {peaks['bfloat16']:.0f} GFLOP/s")
-    print(f"update in {args.micro_batches} micro-batches; shape: {args.layers} layers, d {args.d_model}, ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
+    print(f"update in {args.micro_batches} micro-batches; shape: {args.layers} layers, d {args.d_model}, "
+          f"ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}, vocab {args.vocab} ({results[0]['params'] / 1e6:.2f}M params); "
           f"{args.prompts} prompts x {args.samples} samples, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'dtype':<9} {'phase':<10} {'median s':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'% peak':>7} {'tokens/s':>9}")

@@ -75,6 +75,36 @@ def make_sft_step(model_cfg, tx):
     return sft_step
 
 
+def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int):
+    """Loss, gradient and metric sums of the scheduled objective, accumulated over `rl.micro_batches`.
+
+    tokens, valid [N, P+T], mask [N, T], adv [N]; r the schedule magnitude. Returns (loss, grads,
+    sums) with loss and grads normalised by the denominator summed over all micro-batches, so the
+    result equals one pass over the whole batch for every aggregation mode.
+    """
+    M = rl.micro_batches
+
+    def micro(params, mb):
+        logp, entropy = token_stats(model_cfg, params, mb["tokens"], mb["valid"], P, rl.temperature)
+        ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, mb["tokens"], mb["valid"], P,
+                                                               rl.temperature)[0]
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp)
+        return num, (den, sums)
+
+    split = lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:])
+    mbs = {"tokens": split(tokens), "valid": split(valid), "mask": split(mask), "adv": split(adv)}
+
+    def body(carry, mb):
+        (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, carry, (g, n, d, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs))[1][1]))
+    (grads, num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
+    den = jnp.maximum(den, 1e-8)
+    return num / den, jax.tree.map(lambda g: g / den, grads), sums
+
+
 def make_rl_step(cfg, model_cfg, tx):
     """The jitted RL update `(state, ref_params, prompts, prompt_lens, completions, lengths, rewards)`.
 
@@ -82,15 +112,6 @@ def make_rl_step(cfg, model_cfg, tx):
     None to skip that extra forward pass. Returns (new state, metrics dict of float32 scalars).
     """
     rl = cfg.rl
-    M = rl.micro_batches
-
-    def micro(params, ref_params, r, mb):
-        tokens, valid, mask, adv, P = mb["tokens"], mb["valid"], mb["mask"], mb["adv"], mb["P"]
-        logp, entropy = token_stats(model_cfg, params, tokens, valid, P, rl.temperature)
-        ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, tokens, valid, P,
-                                                               rl.temperature)[0]
-        num, den, sums = objective.policy_loss(rl, r, logp, entropy, adv, mask, ref_logp)
-        return num, (den, sums)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def rl_step(state, ref_params, prompts, prompt_lens, completions, lengths, rewards):
@@ -98,28 +119,15 @@ def make_rl_step(cfg, model_cfg, tx):
         r = schedules.magnitude(step, rl.schedule)
         adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
         tokens, valid, mask = join(prompts, prompt_lens, completions, lengths)
-        P = prompts.shape[1]
-        split = lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:])
-        mbs = {"tokens": split(tokens), "valid": split(valid), "mask": split(mask), "adv": split(adv)}
-
-        def body(carry, mb):
-            grads, num, den, sums = carry
-            (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(state["params"], ref_params, r, {**mb, "P": P})
-            return (jax.tree.map(jnp.add, grads, g), num + n, den + d, jax.tree.map(jnp.add, sums, s)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: micro(state["params"], ref_params, r, {**jax.tree.map(lambda x: x[0], mbs), "P": P})[1][1]))
-        (grads, num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
-        den = jnp.maximum(den, 1e-8)
-        grads = jax.tree.map(lambda g: g / den, grads)
+        loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, tokens, valid, mask, adv,
+                                            prompts.shape[1])
         new_state = _apply(tx, state, grads)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         if "kl_bins" in metrics:
             metrics.update({f"kl_bin{i}": metrics["kl_bins"][i] for i in range(objective.KL_BINS)})
             del metrics["kl_bins"]
         metrics.update({
-            "loss": num / den, "magnitude": r, "grad_norm": optax.global_norm(grads),
+            "loss": loss, "magnitude": r, "grad_norm": optax.global_norm(grads),
             "reward": jnp.mean(rewards), "zero_var_groups": zero_var,
             "response_len": jnp.mean(lengths.astype(jnp.float32)),
         })
