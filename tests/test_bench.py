@@ -1,11 +1,15 @@
-"""The benchmarks run (smoke mode: tiny shapes, 2 steps) and write well-formed output. No timing asserts."""
+"""The benchmarks run (smoke mode: tiny shapes, 2 steps); their FLOP accounting and throughput columns
+are checked against independent arithmetic. No timing asserts."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # subprocesses that compile the sampler and the update twice
 
 
 def run(*args):
@@ -14,18 +18,36 @@ def run(*args):
     return proc.stdout
 
 
-def test_rl_bench_smoke_writes_json(tmp_path):
+def forward_flops(ctx, L=1, D=32, H=2, K=1, Dh=16, F=64, V=64):
+    """Smoke shape: matmul weights (q, k, v, o, gate, up, down) x 2, the unembedding, and attention over ctx keys."""
+    return 2 * L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + 2 * D * V + 4 * L * H * Dh * ctx
+
+
+def test_rl_bench_smoke_accounts_flops_and_tokens(tmp_path):
     out = run("tsched.bench", "--smoke", "--json", str(tmp_path / "bench.json"))
     data = json.load(open(tmp_path / "bench.json"))
+    B, G, P, T = 2, 2, 8, 8  # the smoke shape
+    sample = B * sum(forward_flops(c + 1) for c in range(P)) + B * G * sum(forward_flops(P + t + 1) for t in range(T))
+    fwd = B * G * sum(forward_flops(c + 1) for c in range(P + T))
+    want = {"sample": sample, "score": fwd, "loss": 3 * fwd, "rl_step": sample + 3 * fwd}
     assert [r["dtype"] for r in data["results"]] == ["float32", "bfloat16"]
     for r in data["results"]:
-        assert r["sample_tokens_per_s"] > 0 and r["rl_step_s"] > 0
-        assert set(r["phases"]) == {"sample", "score", "verify", "loss", "optimizer", "rl_step"}
-    assert "rl_step" in out
+        phases = r["phases"]
+        assert set(phases) == {"sample", "score", "verify", "loss", "optimizer", "rl_step"}
+        for name, flops in want.items():
+            assert phases[name]["gflop"] == pytest.approx(flops / 1e9, rel=1e-9), name
+            assert phases[name]["gflops"] == pytest.approx(flops / 1e9 / phases[name]["median_s"], rel=1e-9)
+        assert r["sample_tokens_per_s"] == pytest.approx(B * G * T / phases["sample"]["median_s"])
+        assert all(p["median_s"] > 0 for p in phases.values())
+        # every table row printed is the JSON's
+        for name, p in phases.items():
+            assert any(line.split()[:2] == [r["dtype"], name] and f"{p['median_s']:.3f}" in line
+                       for line in out.splitlines()), name
 
 
 def test_loss_and_verify_bench_smoke():
     out = run("tsched.bench.loss", "--seqs", "4", "--tokens", "16", "--vocab", "32", "--micro", "2", "--repeats", "1")
-    assert all(s in out for s in ("uniform", "tp", "forking", "entropy_adv"))
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert {"uniform", "tp", "forking", "entropy_adv"} <= set(rows)
     out = run("tsched.bench.verify", "--items", "40", "--workers", "1")
     assert "items/s" in out

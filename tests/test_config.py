@@ -1,4 +1,4 @@
-"""A malformed config fails before any work, with a message naming the field."""
+"""A malformed config fails before any work: one line naming the field, exit 2, the run directory untouched."""
 
 import os
 import subprocess
@@ -7,49 +7,136 @@ import sys
 import pytest
 
 from tests.tiny import set_field
-from tsched.config import base_config, validate
+from tsched import config
+from tsched.config import ConfigError, base_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*overrides, tmp_path):
-    cmd = [sys.executable, "-m", "tsched.main", "--config=configs/default.py",
-           f"--config.run_dir={tmp_path / 'run'}", *overrides]
+def run_main(*overrides, run_dir, config_file="configs/default.py"):
+    cmd = [sys.executable, "-m", "tsched.main", f"--config={config_file}", f"--config.run_dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("--config.rl.no_such_field=1", "no_such_field"),
+    ("--config.rl.no_such_field=1", "rl.no_such_field"),
     ("--config.rl.steps=many", "rl.steps"),
     ("--config.rl.credit.strategy=psychic", "rl.credit.strategy"),
-    ("--config.rl.schedule.mode=wobbly", "rl.schedule.mode"),
     ("--config.data.families=arith,poetry", "data.families"),
+    ("--config.model.preset=qwen9", "model.preset"),
+    ("--config.mesh.fsdp=3", "mesh"),
+    ("--config.rl.lr=-1", "rl.lr"),
+    ("--config.rl.top_k=100000", "rl.top_k"),
 ])
-def test_bad_config_fails_fast_naming_the_field(override, needle, tmp_path):
-    proc = run_main(override, tmp_path=tmp_path)
-    assert proc.returncode != 0
-    assert needle in proc.stderr + proc.stdout
-    assert not (tmp_path / "run").exists()  # nothing was started
+def test_bad_config_is_one_line_exit_2_and_leaves_the_run_dir_alone(override, needle, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("an earlier run")
+    proc = run_main(override, run_dir=run_dir)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert os.listdir(run_dir) == ["keep.txt"] and os.listdir(tmp_path) == ["run"]  # nothing moved or written
+
+
+def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
+    proc = run_main(run_dir=tmp_path / "run", config_file="configs/paper.py:method=psychic")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "psychic" in proc.stderr and "tp_schedule" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("field,value,needle", [
     ("rl.credit.strategy", "psychic", "'uniform', 'tp', 'forking'"),
+    ("rl.credit.strategy", "off_policy", "rl.credit.strategy"),  # a prompt transform now, not a criterion
+    ("rl.prompt_transform", "prefix", "reference_prefix"),
     ("rl.aggregation", "token-sum", "token-mean"),
+    ("rl.advantage", "ppo", "grpo"),
+    ("rl.kl_estimator", "k2", "k3"),
+    ("rl.credit.normalizer", "all", "valid_tokens"),
+    ("rl.schedule.mode", "wobbly", "linear"),
+    ("model.dtype", "float16", "bfloat16"),
+    ("model.preset", "qwen9", "qwen3-4b"),
     ("rl.group_size", 1, "rl.group_size"),
     ("rl.top_p", 0.0, "rl.top_p"),
+    ("rl.top_p", 1.5, "rl.top_p"),
+    ("rl.top_k", -1, "rl.top_k"),
+    ("rl.top_k", 65, "rl.top_k"),
+    ("rl.lr", 0.0, "rl.lr"),
+    ("sft.lr", -1e-3, "sft.lr"),
+    ("rl.max_grad_norm", 0.0, "rl.max_grad_norm"),
+    ("rl.max_grad_norm", -1.0, "rl.max_grad_norm"),
+    ("rl.credit.kappa", 0.0, "rl.credit.kappa"),
+    ("rl.temperature", 0.0, "rl.temperature"),
+    ("eval.temperature", -0.5, "eval.temperature"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
     ("model.n_heads", 3, "model.n_heads"),
     ("rl.schedule.max_ratio", 0.0, "max_ratio"),
+    ("rl.schedule.sigmoid_k", 0.0, "sigmoid_k"),
+    ("data.prompt_len", 0, "data.prompt_len"),
+    ("mesh.tensor", 0, "mesh.tensor"),
+    ("eval.num_problems", 501, "eval.num_problems"),
+    ("tokenizer.model_path", "/no/such/tokenizer.model", "tokenizer.model_path"),
 ])
 def test_validate_names_field_and_allowed_values(field, value, needle):
     cfg = base_config()
     set_field(cfg, field, value)
-    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
-        validate(cfg)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        validate(cfg, num_devices=1)
 
 
-def test_default_config_is_valid_and_schedule_follows_rl_steps():
+def test_mesh_is_checked_against_the_devices():
     cfg = base_config()
-    validate(cfg)
-    cfg.rl.steps = 123
-    assert cfg.rl.schedule.total_steps == 123
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    validate(cfg, num_devices=8)
+    with pytest.raises(ConfigError, match="mesh"):
+        validate(cfg, num_devices=4)
+
+
+def test_allowed_names_are_the_registries():
+    """A newly registered criterion is a valid config value with no other change."""
+    from tsched.rl import credit
+
+    cfg = base_config()
+    cfg.rl.credit.strategy = "test_only_criterion"
+    with pytest.raises(ConfigError):
+        validate(cfg, num_devices=1)
+    credit.register("test_only_criterion")(credit.CRITERIA["uniform"])
+    try:
+        validate(cfg, num_devices=1)
+    finally:
+        del credit.CRITERIA["test_only_criterion"]
+
+
+def test_followers_follow_until_set_and_never_write_back():
+    cfg = base_config()
+    validate(cfg, num_devices=1)
+    cfg.rl.steps, cfg.rl.temperature = 123, 1.2
+    assert cfg.rl.schedule.total_steps == 123 and cfg.eval.temperature == 1.2
+    cfg.rl.schedule.total_steps, cfg.eval.temperature = 50, 0.6
+    assert cfg.rl.steps == 123 and cfg.rl.temperature == 1.2  # setting a follower leaves its source alone
+    cfg.rl.temperature = 0.9
+    assert cfg.eval.temperature == 0.6
+
+
+def test_eval_samples_at_the_rl_temperature_unless_set():
+    from tsched.eval import sampling_configs
+
+    class Tok:
+        eos_id, pad_id = 3, 0
+
+    cfg = base_config()
+    cfg.rl.temperature, cfg.rl.top_p = 1.2, 0.95
+    sampled = sampling_configs(cfg, Tok())["sampled"]
+    assert (sampled.temperature, sampled.top_p, sampled.num_samples) == (1.2, 0.95, cfg.eval.samples)
+    assert sampling_configs(cfg, Tok())["greedy"].temperature == 0.0
+    cfg.eval.temperature = 0.6
+    assert sampling_configs(cfg, Tok())["sampled"].temperature == 0.6
+
+
+def test_data_cache_is_outside_the_run_dir():
+    cfg = base_config()
+    cfg.run_dir = "runs/x"
+    assert config.data_dir(cfg) == os.path.abspath("runs/.data")
+    cfg.data.data_dir = "/data/cache"
+    assert config.data_dir(cfg) == "/data/cache"

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # subprocesses that compile for several devices
 
 
 def check(mesh_shape):

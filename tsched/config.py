@@ -2,33 +2,41 @@
 
 Experiments live in `configs/<name>.py` as `get_config()` returning `base_config()` with a few fields
 changed. Any field can be overridden from the command line (`--config.rl.steps=200`). The config is
-locked, so an unknown field fails at parse time; `validate` then checks enums and ranges before any
-work starts, naming the field and the allowed values.
+locked, so an unknown field fails at parse time; `validate` then checks every field before any work
+starts and raises `ConfigError` naming the field, the bad value and what is allowed.
+
+Allowed names are never listed here: a field that picks a registered function (a credit criterion, a
+schedule profile, an advantage estimator, a task family, a preset, ...) is checked against its registry,
+so adding one is one registered function.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import ml_collections
 
-# Allowed values of every enum-like field, checked by `validate`.
-CHOICES = {
-    "data.families": None,  # checked against the task registry (comma-separated list)
-    "model.dtype": ("float32", "bfloat16"),
-    "rl.advantage": ("grpo", "drgrpo", "rloo"),
-    "rl.loss": ("ppo", "gspo"),
-    "rl.aggregation": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "rl.kl_estimator": ("k1", "k3"),
-    "rl.credit.strategy": ("uniform", "tp", "forking", "entropy_adv", "off_policy"),
-    "rl.credit.normalizer": ("selected_tokens", "valid_tokens"),
-    "rl.schedule.mode": ("linear", "sigmoid", "gamma", "cosine", "rex", "constant"),
-}
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the field, the bad value and what is allowed."""
+
+
+def _follow(section: ml_collections.ConfigDict, field: str):
+    """A field that takes `section.field`'s value unless set itself.
+
+    A plain `get_ref` shares one value both ways (setting the follower would change the source, e.g.
+    `rl.schedule.total_steps=50` would silently set `rl.steps=50`); a derived reference follows the
+    source and, once overridden, is replaced without touching it.
+    """
+    return section.get_ref(field) + 0
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field tsched reads, with the defaults of the built-in CPU experiment."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.run_dir = "runs/default"  # checkpoints, logs, tokenizer and summary.json go here
+    c.run_dir = "runs/default"  # checkpoints, logs, tokenizer copy and summary.json go here
 
     c.data = ml_collections.ConfigDict()
     c.data.families = "gcd,sort"  # comma-separated task families (tsched.data.tasks)
@@ -36,12 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_difficulty = 3
     c.data.train_size = 20000
     c.data.eval_size = 500
-    c.data.data_dir = ""  # TFDS data dir; "" = <run_dir>/tfds
+    c.data.data_dir = ""  # dataset and tokenizer cache; "" = <parent of run_dir>/.data, shared by runs
     c.data.prompt_len = 24  # prompts are left-padded to this many tokens (static shape)
-    c.data.max_solution_tokens = 64  # SFT sequences are prompt_len + this
+    c.data.max_solution_tokens = 64  # reference solutions (SFT targets, off-policy prefixes) are cut here
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.model_path = ""  # a sentencepiece .model; "" = train one on the task corpus
+    c.tokenizer.model_path = ""  # a sentencepiece .model or HF tokenizer.json; "" = train one on the tasks
     c.tokenizer.vocab_size = 64
 
     c.model = ml_collections.ConfigDict()
@@ -92,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.kl_coef = 0.0
     c.rl.kl_estimator = "k3"
     c.rl.entropy_coef = 0.0
+    # Applied to each prompt batch before sampling, driven by the schedule magnitude r (tsched.rollout):
+    # `none`, or `reference_prefix` (the paper's off-policy strategy: r of the reference solution as context).
+    c.rl.prompt_transform = "none"
 
     c.rl.credit = ml_collections.ConfigDict()
     c.rl.credit.strategy = "tp"
@@ -104,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.schedule.initial_magnitude = 0.99
     c.rl.schedule.min_ratio = 0.0
     c.rl.schedule.max_ratio = 0.8
-    c.rl.schedule.total_steps = c.rl.get_ref("steps")
+    c.rl.schedule.total_steps = _follow(c.rl, "steps")
     c.rl.schedule.gamma = 2.0
     c.rl.schedule.sigmoid_k = 8.0
 
@@ -112,13 +123,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.verify.num_workers = 2
     c.verify.timeout_s = 5.0
     c.verify.max_chars = 4096  # completions are truncated before they reach a checker
-    c.verify.memory_mb = 1024  # address-space limit of each worker
+    c.verify.memory_mb = 1024  # address-space limit of each worker; 0 = none
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_problems = 500
     c.eval.batch_size = 250
     c.eval.samples = 4  # the headline accuracy is avg@k: mean correctness of k samples per problem
-    c.eval.temperature = 1.0  # of those samples (= rl.temperature by default); greedy is reported too
+    # Of those samples: the RL sampling temperature unless set, so the headline measures what RL optimizes.
+    c.eval.temperature = _follow(c.rl, "temperature")
 
     c.train = ml_collections.ConfigDict()
     c.train.resume = False
@@ -130,62 +142,133 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def data_dir(cfg) -> str:
+    """Where datasets and trained tokenizers are cached: deterministic functions of the data config,
+    shared by the runs beside this one and never inside a run directory (moving a run aside keeps them)."""
+    return cfg.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), ".data")
+
+
+def _registries() -> dict:
+    """Fields whose allowed values are the names of a registry (imported here, not at module load, so
+    the config stays cheap to import)."""
+    from tsched import rollout
+    from tsched.data import tasks
+    from tsched.model import presets
+    from tsched.model.decoder import COMPUTE_DTYPES
+    from tsched.rl import advantages, credit, losses, objective, schedules
+
+    return {
+        "model.dtype": COMPUTE_DTYPES,
+        "rl.advantage": advantages.ESTIMATORS,
+        "rl.loss": losses.LOG_RATIOS,
+        "rl.aggregation": losses.AGGREGATIONS,
+        "rl.kl_estimator": losses.KL_ESTIMATORS,
+        "rl.prompt_transform": rollout.PROMPT_TRANSFORMS,
+        "rl.credit.strategy": credit.CRITERIA,
+        "rl.credit.normalizer": objective.NORMALIZERS,
+        "rl.schedule.mode": schedules.PROFILES,
+        "model.preset": ["", *presets.PRESETS],
+        "data.families": tasks.FAMILIES,
+    }
+
+
 def _get(cfg, dotted: str):
     for part in dotted.split("."):
         cfg = cfg[part]
     return cfg
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Raises `ValueError` naming the first invalid field and what it allows."""
-    from tsched.data import tasks  # local: keep config importable without the data stack
+def _fail(field: str, value, what: str):
+    raise ConfigError(f"config field {field!r} = {value!r}: {what}")
 
-    for field, allowed in CHOICES.items():
+
+# (predicate, what it requires) for every numeric field; each entry is checked in this order.
+_positive = (lambda v: v > 0, "must be > 0")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_fraction = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_RANGES = {
+    "seed": _non_negative,
+    "data.min_difficulty": (lambda v: v >= 1, "must be >= 1"),
+    **{f: _positive for f in ("data.train_size", "data.eval_size", "data.prompt_len", "data.max_solution_tokens",
+                              "tokenizer.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                              "model.n_kv_heads", "model.head_dim", "model.ffn_dim", "model.rope_theta",
+                              "model.norm_eps", "sft.batch_size", "sft.lr", "rl.steps", "rl.prompts_per_step",
+                              "rl.max_new_tokens", "rl.temperature", "rl.lr", "rl.max_grad_norm",
+                              "rl.micro_batches", "rl.credit.kappa", "rl.schedule.total_steps",
+                              "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
+                              "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
+                              "train.keep_checkpoints", "train.log_every")},
+    **{f: _non_negative for f in ("sft.steps", "sft.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
+                                  "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature")},
+    **{f: _fraction for f in ("rl.schedule.initial_magnitude", "rl.schedule.min_ratio", "rl.schedule.max_ratio")},
+    "rl.group_size": (lambda v: v >= 2, "must be >= 2 (group advantages need at least two samples)"),
+    "rl.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "rl.clip_low": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "rl.dual_clip": (lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"),
+    "rl.schedule.sigmoid_k": (lambda v: v != 0, "must be non-zero (the sigmoid profile divides by it)"),
+}
+for _axis in ("data", "fsdp", "tensor"):
+    _RANGES[f"mesh.{_axis}"] = (lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the devices left")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises `ConfigError` for the first invalid field. Reads nothing but the config and the registries
+    (and the device count for the mesh, `jax.device_count()` unless given); writes nothing."""
+    for field, names in _registries().items():
         value = _get(cfg, field)
-        if field == "data.families":
-            names = [f.strip() for f in value.split(",") if f.strip()]
-            bad = [n for n in names if n not in tasks.FAMILIES]
-            if not names or bad:
-                raise ValueError(
-                    f"config field 'data.families' = {value!r}: unknown family {bad or value!r}; "
-                    f"allowed: comma-separated subset of {sorted(tasks.FAMILIES)}")
-        elif value not in allowed:
-            raise ValueError(f"config field {field!r} = {value!r} is not one of {list(allowed)}")
+        if field == "data.families":  # a comma-separated subset
+            parts = [p.strip() for p in value.split(",")]
+            if not all(p in names for p in parts):
+                _fail(field, value, f"must be comma-separated names from {list(names)}")
+        elif value not in names:
+            _fail(field, value, f"must be one of {list(names)}")
+    for field, (ok, what) in _RANGES.items():
+        value = _get(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
+            _fail(field, value, what)
 
-    def check(field, ok, what):
-        if not ok(_get(cfg, field)):
-            raise ValueError(f"config field {field!r} = {_get(cfg, field)!r}: must be {what}")
-
-    positive = lambda v: v > 0
-    for f in ("sft.batch_size", "rl.steps", "eval.samples", "rl.prompts_per_step", "rl.max_new_tokens", "data.prompt_len",
-              "data.train_size", "data.eval_size", "eval.num_problems", "eval.batch_size", "model.d_model",
-              "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim", "model.ffn_dim",
-              "verify.num_workers", "verify.timeout_s", "tokenizer.vocab_size", "train.log_every",
-              "train.checkpoint_every", "rl.micro_batches"):
-        check(f, positive, "> 0")
-    check("rl.group_size", lambda v: v >= 2, ">= 2 (group advantages need at least two samples)")
-    check("sft.steps", lambda v: v >= 0, ">= 0")
-    check("rl.temperature", lambda v: v > 0, "> 0 (RL needs a sampling distribution)")
-    check("rl.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-    check("rl.top_k", lambda v: v >= 0, ">= 0")
-    check("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)")
-    check("rl.clip_high", lambda v: v >= 0, ">= 0")
-    check("rl.dual_clip", lambda v: v == 0 or v > 1, "0 (off) or > 1")
-    check("rl.schedule.min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
-    check("rl.schedule.max_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
-    check("rl.schedule.initial_magnitude", lambda v: 0 <= v <= 1, "in [0, 1]")
-    check("data.min_difficulty", lambda v: v >= 1, ">= 1")
-    check("data.max_difficulty", lambda v: v >= cfg.data.min_difficulty, ">= data.min_difficulty")
-    check("model.n_heads", lambda v: v % cfg.model.n_kv_heads == 0, "a multiple of model.n_kv_heads")
-    check("eval.num_problems", lambda v: v <= cfg.data.eval_size, "<= data.eval_size")
-    s = cfg.rl.schedule
+    m, rl, s = cfg.model, cfg.rl, cfg.rl.schedule
+    if cfg.data.max_difficulty < cfg.data.min_difficulty:
+        _fail("data.max_difficulty", cfg.data.max_difficulty, f">= data.min_difficulty ({cfg.data.min_difficulty})")
+    if cfg.eval.num_problems > cfg.data.eval_size:
+        _fail("eval.num_problems", cfg.eval.num_problems, f"must be <= data.eval_size ({cfg.data.eval_size})")
+    if not m.preset and m.n_heads % m.n_kv_heads:
+        _fail("model.n_heads", m.n_heads, f"must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+    if cfg.tokenizer.model_path and not os.path.isfile(cfg.tokenizer.model_path):
+        _fail("tokenizer.model_path", cfg.tokenizer.model_path, "no such file")
+    vocab = _vocab_size(cfg)
+    if rl.top_k > vocab:
+        _fail("rl.top_k", rl.top_k, f"must be <= the vocabulary size ({vocab}); 0 = off")
     if s.mode != "constant":
         s0, s1 = int(s.total_steps * s.min_ratio), int(s.total_steps * s.max_ratio)
         if s1 <= s0:
-            raise ValueError(
+            raise ConfigError(
                 f"config fields 'rl.schedule.min_ratio'/'rl.schedule.max_ratio' = {s.min_ratio}/{s.max_ratio}: "
-                f"with total_steps={s.total_steps} they give start step {s0} >= end step {s1}")
-    n = cfg.rl.prompts_per_step * cfg.rl.group_size
-    if n % cfg.rl.micro_batches:
-        raise ValueError(f"config field 'rl.micro_batches' = {cfg.rl.micro_batches}: must divide "
-                         f"rl.prompts_per_step * rl.group_size = {n}")
+                f"with total_steps={s.total_steps} they give start step {s0} >= end step {s1}; "
+                f"the decay needs s1 > s0 (or rl.schedule.mode=constant)")
+    n = rl.prompts_per_step * rl.group_size
+    if n % rl.micro_batches:
+        _fail("rl.micro_batches", rl.micro_batches, f"must divide rl.prompts_per_step * rl.group_size = {n}")
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.device_count()
+    from tsched import sharding
+
+    try:
+        sharding.mesh_shape(cfg.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _vocab_size(cfg) -> int:
+    """The vocabulary the run will have, as far as the config tells without building anything."""
+    if cfg.model.preset:
+        from tsched.model import presets
+
+        return presets.PRESETS[cfg.model.preset].vocab_size
+    if cfg.tokenizer.model_path:
+        from tsched.data import tokenizer
+
+        return tokenizer.load(cfg.tokenizer.model_path).vocab_size
+    return cfg.tokenizer.vocab_size

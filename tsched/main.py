@@ -1,24 +1,55 @@
-"""Entry point: `python -m tsched.main --config=configs/<exp>.py [--config.<field>=<value> ...]`.
+"""Entry point: `python -m tsched.main --config=configs/<exp>.py[:<arg>] [--config.<field>=<value> ...]`.
 
-The last line printed is the path of the run's summary.json.
+The last line printed is the path of the run's summary.json. A bad config (unknown field, wrong type,
+value out of range, name not registered, a budget the data does not fit) prints one line naming the
+field to stderr and exits with status 2, before anything is written to the run directory.
 """
 
-from absl import app, logging
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.", lock_config=True)
+EXIT_CONFIG_ERROR = 2
+
+
+def config_error(message: str) -> None:
+    """One line on stderr and exit 2. A config file that raised comes wrapped in its traceback by absl:
+    keep the flag and the exception's own line."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    print(f"tsched: config error: {' '.join(lines[:1] + lines[1:][-1:])}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a failed config override reported as one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        config_error(str(e))
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+        key = str(e).strip("\"'")
+        named = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+        config_error(f"unknown config field {named[0] if named else key!r}: {e}")
+    except (TypeError, ValueError) as e:  # raised by the config file's get_config(arg) or an override
+        config_error(f"{type(e).__name__}: {e}".replace("\n", " "))
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        config_error(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from tsched.config import validate  # validate before the heavy imports of the trainer
-    validate(_CONFIG.value)
-    from tsched.train import trainer
+    from tsched.config import ConfigError, validate  # before the heavy imports of the trainer
 
-    print(trainer.run(_CONFIG.value))
+    try:
+        validate(_CONFIG.value)
+        from tsched.train import trainer
+
+        print(trainer.run(_CONFIG.value))
+    except ConfigError as e:
+        config_error(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

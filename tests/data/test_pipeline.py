@@ -72,24 +72,3 @@ def test_prompt_too_long_is_a_clear_error(setup):
     _, splits, tok = setup
     with pytest.raises(ValueError, match="data.prompt_len"):
         pipeline.Encode(tok.path, prompt_len=3).map(splits["train"][0])
-
-
-def test_reference_prefix_moves_round_r_L_solution_tokens_into_the_prompt(setup):
-    _, splits, tok = setup
-    enc = pipeline.Encode(tok.path, prompt_len=24, solution_len=48)
-    b = next(iter(pipeline.train_batches(splits["train"], enc, 6, seed=0)))
-    for r in (0.0, 0.3, 0.99):
-        out = pipeline.with_reference_prefix(b, r, tok.pad_id, tok.eos_id)
-        assert out["prompt"].shape == (6, 24 + 48)
-        for i in range(6):
-            sol = list(b["target"][i, : b["target_len"][i]])
-            L = len(sol) - (sol[-1] == tok.eos_id)
-            k = min(int(np.floor(r * L + 0.5)), L - 1)
-            assert out["prefix_len"][i] == k
-            n = out["prompt_len"][i]
-            prompt = list(b["prompt"][i, 24 - b["prompt_len"][i]:])
-            assert list(out["prompt"][i, -n:]) == prompt + sol[:k]
-            assert np.all(out["prompt"][i, :-n] == tok.pad_id)
-    # r = 0 leaves the prompt itself unchanged (only the static padding grows)
-    out = pipeline.with_reference_prefix(b, 0.0, tok.pad_id, tok.eos_id)
-    assert np.array_equal(out["prompt"][:, 48:], b["prompt"])

@@ -93,3 +93,20 @@ def test_top_k_one_is_greedy(tiny_model_cfg, tiny_params):
     k1 = sample(tiny_model_cfg, SamplingConfig(10, -1, PAD, temperature=1.0, top_k=1), tiny_params, prompts, lens,
                 jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(g["tokens"]), np.asarray(k1["tokens"]))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_tokens_follow_the_tempered_distribution(tiny_model_cfg, tiny_params, temperature):
+    """4096 first tokens of one prompt: their frequencies are softmax(logits / temperature), and far
+    from the untempered softmax (total variation distance)."""
+    params = {**tiny_params, "embedding": tiny_params["embedding"] * 10.0}  # logits with a spread of a few units
+    prompts, lens = prompts_batch(tiny_model_cfg, [5])
+    scfg = SamplingConfig(max_new_tokens=1, eos_id=-1, pad_id=PAD, temperature=temperature, num_samples=4096)
+    out = sample(tiny_model_cfg, scfg, params, prompts, lens, jax.random.key(3))
+    valid = jnp.arange(8)[None] >= 8 - lens[:, None]
+    logits = np.asarray(model.forward(tiny_model_cfg, params, prompts, valid)[0, -1], np.float64)
+    softmax = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    freq = np.bincount(np.asarray(out["tokens"])[:, 0], minlength=tiny_model_cfg.vocab_size) / 4096
+    tv = lambda p: 0.5 * np.abs(freq - p).sum()
+    assert tv(softmax(logits / temperature)) < 0.06
+    assert tv(softmax(logits)) > tv(softmax(logits / temperature)) + 0.1

@@ -7,8 +7,10 @@ import optax
 import pytest
 
 from tests.tiny import set_field
+from tsched import model
 from tsched.config import base_config
 from tsched.rl import objective
+from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.train import learner
 
 B, G, P, T = 2, 4, 6, 10
@@ -33,18 +35,19 @@ def batch(vocab, seed=0):
     completions = np.where(np.arange(T)[None] < lengths[:, None], rng.integers(4, vocab, (B * G, T)), 0)
     rewards = rng.integers(0, 2, B * G).astype(np.float32)
     rewards[:G] = [1, 0, 0, 1]
-    return [jnp.asarray(x, dtype) for x, dtype in ((prompts, jnp.int32), (prompt_lens, jnp.int32),
-                                                   (completions, jnp.int32), (lengths, jnp.int32),
-                                                   (rewards, jnp.float32))]
+    return {k: jnp.asarray(x, dtype) for k, x, dtype in (
+        ("prompts", prompts, jnp.int32), ("prompt_lens", prompt_lens, jnp.int32),
+        ("completions", completions, jnp.int32), ("lengths", lengths, jnp.int32), ("rewards", rewards, jnp.float32))}
 
 
-def run_step(cfg, mcfg, params, data, with_ref=True):
+def run_step(cfg, mcfg, params, data, with_ref=True, ref_params=None):
     # Plain SGD: parameter changes are the gradients themselves (Adam's first step is lr * sign(g),
     # which turns float rounding in near-zero gradients into full-size differences).
     tx = optax.sgd(1.0)
     state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
     step = learner.make_rl_step(cfg, mcfg, tx)
-    return step(state, params if with_ref else None, *data)
+    ref = (params if ref_params is None else ref_params) if with_ref else None
+    return step(state, ref, data)
 
 
 @pytest.mark.parametrize("mode,strategy,normalizer", [
@@ -75,7 +78,7 @@ def test_compiles_once_across_steps(tiny_model_cfg, tiny_params):
     step = learner.make_rl_step(cfg, tiny_model_cfg, tx)
     mags = []
     for i in range(4):
-        state, m = step(state, tiny_params, *batch(tiny_model_cfg.vocab_size, seed=i))
+        state, m = step(state, tiny_params, batch(tiny_model_cfg.vocab_size, seed=i))
         mags.append(float(m["magnitude"]))
     assert step._cache_size() == 1
     assert int(state["step"]) == 4
@@ -88,7 +91,7 @@ def test_loss_matches_numpy_reference(tiny_model_cfg, tiny_params):
     cfg = make_cfg(**{"credit.strategy": "tp"})
     data = batch(tiny_model_cfg.vocab_size, seed=3)
     _, m = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
-    prompts, plens, comps, lens, rewards = map(np.asarray, data)
+    lens, rewards = np.asarray(data["lengths"]), np.asarray(data["rewards"])
     r = np.float32(0.99 * (1 - 1 / 8))
     s = rewards.reshape(B, G)
     adv = ((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
@@ -116,6 +119,135 @@ def test_zero_magnitude_is_grpo(tiny_model_cfg, tiny_params):
                      out[strategy], out["uniform"])
 
 
-def test_kl_metrics_zero_at_the_reference(tiny_model_cfg, tiny_params):
-    _, m = run_step(make_cfg(), tiny_model_cfg, tiny_params, batch(tiny_model_cfg.vocab_size))
-    assert all(abs(float(m[f"kl_bin{i}"])) < 1e-6 for i in range(objective.KL_BINS))
+# ---- What the on-policy shortcut old_logp = sg(logp) relies on: sampler and learner agree per token.
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def prefix_logits(mcfg, params, prompts, plens, completions):
+    """Logits that predict completion token t: the causal pass's output at the position of the token
+    before it (the prompt's last token for t = 0), indexed here from that rule. -> [N, T, V]"""
+    N, T = completions.shape
+    G = N // prompts.shape[0]
+    P = prompts.shape[1]
+    full = np.concatenate([np.repeat(prompts, G, 0), completions], 1)
+    valid = np.concatenate([np.repeat(np.arange(P)[None] >= P - plens[:, None], G, 0), np.ones((N, T), bool)], 1)
+    logits = np.asarray(jax.jit(model.forward, static_argnums=0)(mcfg, params, full, valid))
+    return np.stack([logits[:, P + t - 1] for t in range(T)], 1)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_learner_logp_is_next_token_logp_at_the_temperature(tiny_model_cfg, tiny_params, temperature):
+    data = {k: np.asarray(v) for k, v in batch(tiny_model_cfg.vocab_size, seed=1).items()}
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    logp, entropy = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, temperature)
+    z = prefix_logits(tiny_model_cfg, tiny_params, data["prompts"], data["prompt_lens"], data["completions"]) / temperature
+    ls = np_log_softmax(z.astype(np.float64))
+    want_logp = np.take_along_axis(ls, data["completions"][..., None], -1)[..., 0]
+    want_ent = -(np.exp(ls) * ls).sum(-1)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(logp)[m], want_logp[m], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy)[m], want_ent[m], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 1.0), (1.5, 0.9)])
+def test_sampler_and_learner_agree_on_every_token(tiny_model_cfg, tiny_params, temperature, top_p):
+    """The learner's log-prob of each sampled token equals the sampler's (left-padded prompts), and the
+    jitted update reports the gap as `logp_mismatch`."""
+    data = batch(tiny_model_cfg.vocab_size, seed=2)
+    scfg = SamplingConfig(max_new_tokens=T, eos_id=3, pad_id=0, temperature=temperature, top_p=top_p,
+                          num_samples=G)
+    out = sample(tiny_model_cfg, scfg, tiny_params, data["prompts"], data["prompt_lens"], jax.random.key(7))
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], out["tokens"], out["lengths"])
+    logp, _ = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, temperature)
+    m = np.asarray(mask)
+    assert m.sum() > B * G  # several tokens per row
+    np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out["logp"])[m], rtol=1e-4, atol=1e-4)
+
+    cfg = make_cfg(temperature=temperature, top_p=top_p)
+    step_batch = {**data, "completions": out["tokens"], "lengths": out["lengths"], "sample_logp": out["logp"]}
+    _, metrics = run_step(cfg, tiny_model_cfg, tiny_params, step_batch, with_ref=False)
+    assert float(metrics["logp_mismatch"]) < 1e-4
+    # a learner at another temperature than the sampler is visible in the metric
+    _, metrics = run_step(make_cfg(temperature=temperature * 1.3), tiny_model_cfg, tiny_params, step_batch,
+                          with_ref=False)
+    assert float(metrics["logp_mismatch"]) > 1e-2
+
+
+def test_update_gradient_at_the_temperature_matches_a_direct_computation(tiny_model_cfg, tiny_params):
+    """GRPO at temperature 1.4: grad = -sum_tokens A_i d logp_t / #tokens, logp from logits / 1.4."""
+    temperature = 1.4
+    data = batch(tiny_model_cfg.vocab_size, seed=4)
+    cfg = make_cfg(temperature=temperature, **{"credit.strategy": "uniform"})
+    state, metrics = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
+    s = np.asarray(data["rewards"]).reshape(B, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+
+    def direct(params):
+        logits = model.forward(tiny_model_cfg, params, tokens, valid)
+        ls = jax.nn.log_softmax(logits / temperature, -1)
+        lp = jnp.take_along_axis(ls[:, P - 1:-1], tokens[:, P:, None], -1)[..., 0]
+        return -jnp.sum(adv[:, None] * lp * mask) / jnp.sum(mask)
+
+    grads = jax.grad(direct)(tiny_params)
+    update = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), state["params"], tiny_params)  # SGD, lr 1
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, np.asarray(g), rtol=1e-4, atol=1e-5 * scale), update, grads)
+    # the entropy metric is at the sampling temperature too
+    z = np.asarray(model.forward(tiny_model_cfg, tiny_params, tokens, valid))[:, P - 1:-1] / temperature
+    ls = np_log_softmax(z.astype(np.float64))
+    m = np.asarray(mask)
+    assert float(metrics["entropy"]) == pytest.approx(float((-(np.exp(ls) * ls).sum(-1))[m].mean()), rel=1e-4)
+
+
+def test_clip_branches_act_inside_the_integrated_loss():
+    """policy_loss with old log-probs != current ones, against a NumPy pipeline written from the formulas:
+    uniform credit, PPO clip (0.2 / 0.28, dual clip 3), token-mean."""
+    rng = np.random.default_rng(0)
+    N, Tn = 6, 9
+    lengths = np.array([9, 5, 1, 0, 7, 3])
+    mask = np.arange(Tn)[None] < lengths[:, None]
+    logp = rng.normal(-2, 0.5, (N, Tn)).astype(np.float32)
+    old = logp + rng.normal(0, 0.6, (N, Tn)).astype(np.float32)  # ratios spread well past the clip range
+    old[4, 2] = logp[4, 2] - np.log(5.0)  # A < 0 with ratio 5: beyond the dual clip constant
+    adv = np.array([1.0, -1.0, 0.5, 0.0, -2.0, 1.5], np.float32)
+    cfg = make_cfg(**{"credit.strategy": "uniform"})
+    num, den, sums = objective.policy_loss(cfg.rl, jnp.float32(0.0), jnp.asarray(logp), jnp.zeros((N, Tn)),
+                                           jnp.asarray(adv), jnp.asarray(mask), old_logp=jnp.asarray(old))
+    ratio = np.exp(logp - old)
+    A = adv[:, None] * np.ones((1, Tn))
+    unclipped, clipped = -A * ratio, -A * np.clip(ratio, 0.8, 1.28)
+    loss = np.maximum(unclipped, clipped)
+    loss = np.where(A < 0, np.minimum(loss, -A * 3.0), loss)
+    want = (loss * mask).sum() / mask.sum()
+    assert float(num) / float(den) == pytest.approx(want, rel=1e-5)
+    clip_frac = ((clipped > unclipped) & mask).sum() / mask.sum()
+    assert 0.1 < clip_frac < 0.9
+    assert float(sums["clip_frac"][0] / sums["clip_frac"][1]) == pytest.approx(clip_frac)
+    assert np.any((A < 0) & (-A * ratio > -A * 3.0) & mask)  # the dual clip binds
+
+
+def test_kl_metrics_against_a_different_reference_policy(tiny_model_cfg, tiny_params):
+    """k3 KL to a reference policy other than the current one, per trajectory-percentile bin."""
+    data = batch(tiny_model_cfg.vocab_size, seed=6)
+    ref_params = model.init_params(tiny_model_cfg, jax.random.key(11))
+    _, m = run_step(make_cfg(), tiny_model_cfg, tiny_params, data, ref_params=ref_params)
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    logp = np.asarray(learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P)[0], np.float64)
+    ref = np.asarray(learner.token_stats(tiny_model_cfg, ref_params, tokens, valid, P)[0], np.float64)
+    k3 = np.exp(ref - logp) - (ref - logp) - 1
+    lengths = np.asarray(data["lengths"])
+    sums, counts = np.zeros(objective.KL_BINS), np.zeros(objective.KL_BINS)
+    for i, L in enumerate(lengths):
+        for t in range(L):
+            b = int((t + 0.5) / L * objective.KL_BINS)
+            sums[b] += k3[i, t]
+            counts[b] += 1
+    got = np.array([float(m[f"kl_bin{b}"]) for b in range(objective.KL_BINS)])
+    seen = counts > 0
+    assert seen.sum() >= 8
+    np.testing.assert_allclose(got[seen], sums[seen] / counts[seen], rtol=1e-4, atol=1e-6)
+    assert got[seen].min() > 0 and np.all(got[~seen] == 0)

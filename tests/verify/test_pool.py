@@ -1,5 +1,6 @@
 """The verifier pool under attack: adversarial completions, hangs, crashes, killed workers."""
 
+import concurrent.futures
 import math
 import os
 import signal
@@ -68,7 +69,7 @@ def test_adversarial_batch_scores_zero_and_correct_answers_survive():
                 assert v.reward == 0.0, item[0][:80]
                 assert v.status in ("wrong", "no_answer", "timeout", "crashed", "error")
         # the pool is healthy afterwards
-        assert pool.score(*zip(*CORRECT)) and all(v.reward == 1.0 for v in pool.score(*zip(*CORRECT)))
+        assert [v.reward for v in pool.score(*zip(*CORRECT))] == [1.0] * len(CORRECT)
         assert pool.alive() == 4
 
 
@@ -98,7 +99,8 @@ def test_crashing_checks_cost_one_item(kind, status):
 def test_workers_killed_from_outside_mid_batch():
     items = [("", "", "hang")] * 2 + [("Answer: 3", "3", "numeric")] * 30
     with VerifierPool(num_workers=2, timeout_s=30.0, plugins=PLUGIN) as pool:
-        future = pool.submit(*zip(*items))  # asynchronous: both workers will hang on an item
+        # score in a thread while this one kills both workers, each hung on an item
+        future = concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(pool.score, *zip(*items))
         deadline = time.monotonic() + 20
         while sum(w.job is not None for w in pool._workers) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -17,10 +17,10 @@ Peak: a jitted 2048^3 matmul in float32, and with bfloat16 inputs and float32 ac
 Phases, each the median over `--steps` steady-state steps after one warm-up:
     sample     the jitted sampler (prefill + while_loop decode)
     score      a separate old-log-prob forward pass (reported; the on-policy update does not run it)
-    verify     detokenized text through the verifier pool
+    verify     detokenized text through the verifier pool (the rollout's texts)
     loss       forward + backward of the scheduled RL objective (the learner's `policy_gradient`)
     optimizer  the optax update
-    rl_step    sample + verify + the fused jitted update (what one training step costs)
+    rl_step    `tsched.rollout.generate` (sample + verify) + the jitted update: the trainer's step
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsched import model as model_lib
+from tsched import rollout
 from tsched.config import base_config
 from tsched.model import ModelConfig
 from tsched.sampling.sampler import SamplingConfig, sample
@@ -57,6 +58,17 @@ def sample_flops(cfg, B, G, P, T) -> float:
 def sequence_flops(cfg, N, L) -> float:
     """One forward pass over N sequences of L tokens (causal: position i sees i + 1 keys)."""
     return N * sum(forward_flops(cfg, c + 1) for c in range(L))
+
+
+class IdsAsText:
+    """Detokenizer of the bench's random vocabulary: ids as numbers, and a final `Answer:` line so the
+    verifier parses every completion as a real one would be."""
+
+    pad_id, eos_id = 0, -1
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return " ".join(map(str, ids[:8])) + f" Answer: {sum(ids) % 7}"
 
 
 def median_time(fn, steps: int) -> float:
@@ -115,23 +127,21 @@ def run(dtype: str, args, peak: float) -> dict:
     opt = jax.jit(lambda g, s, p: tx.update(g, s, p))
     t_opt = median_time(lambda: opt(grads, opt_state, params), args.steps)
 
-    texts = [" ".join(map(str, np.asarray(completions[i, :8]))) + f" Answer: {i % 7}" for i in range(N)]
+    batch = {"prompt": np.asarray(prompts), "prompt_len": np.asarray(prompt_lens),
+             "answer": np.array([str(b % 5) for b in range(B)]), "verifier": np.array(["numeric"] * B)}
     with VerifierPool(num_workers=2, timeout_s=5.0) as pool:
-        pool.score(texts[:4], ["1"] * 4, ["numeric"] * 4)  # warm workers
-        answers, verifiers = [str(i % 5) for i in range(N)], ["numeric"] * N
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            pool.score(texts, answers, verifiers)
-        t_verify = (time.perf_counter() - t0) / args.steps
+        ro = rollout.generate(mcfg, scfg, params, batch, jax.random.key(0), IdsAsText(), pool)  # warm workers
+        t_verify = median_time(lambda: pool.score(ro.texts, ["1"] * N, ["numeric"] * N), args.steps)
 
         state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(1))
         rl_step = learner.make_rl_step(cfg, mcfg, tx)
         holder = {"state": state}
 
-        def full_step():
-            o = do_sample()
-            r = np.array([v.reward for v in pool.score(texts, answers, verifiers)], np.float32)
-            holder["state"], m = rl_step(holder["state"], None, prompts, prompt_lens, o["tokens"], o["lengths"], r)
+        def full_step():  # what the trainer's loop does per step
+            key[0] += 1
+            ro = rollout.generate(mcfg, scfg, holder["state"]["params"], batch, jax.random.key(key[0]), IdsAsText(),
+                                  pool)
+            holder["state"], m = rl_step(holder["state"], None, ro.learner_batch())
             return m
 
         t_step = median_time(full_step, args.steps)

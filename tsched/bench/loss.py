@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsched.config import base_config
-from tsched.rl import objective, schedules
+from tsched.rl import credit, objective, schedules
 
-STRATEGIES = ["uniform", "tp", "forking", "entropy_adv"]
+STRATEGIES = list(credit.CRITERIA)  # every registered criterion; uniform (GRPO) first
 
 
 def make_loss(strategy: str, micro: int):

@@ -14,6 +14,7 @@ import os
 import grain
 import numpy as np
 
+from tsched import config as config_lib
 from tsched.data import tfds_builder
 from tsched.data import tokenizer as tok_lib
 
@@ -63,13 +64,42 @@ class Encode(grain.transforms.Map):
         return out
 
 
-def open_splits(cfg) -> dict:
-    """TFDS data sources {'train', 'eval'} for the configured task suite (built on first use)."""
+def _task_config(cfg) -> tfds_builder.TaskConfig:
     d = cfg.data
-    data_dir = d.data_dir or os.path.join(cfg.run_dir, "tfds")
-    config = tfds_builder.task_config(d.families, d.min_difficulty, d.max_difficulty, d.train_size,
-                                      d.eval_size, cfg.seed)
-    return tfds_builder.build(config, data_dir).as_data_source()
+    return tfds_builder.task_config(d.families, d.min_difficulty, d.max_difficulty, d.train_size, d.eval_size,
+                                    cfg.seed)
+
+
+def open_splits(cfg) -> dict:
+    """TFDS data sources {'train', 'eval'} for the configured task suite (built on first use, cached in
+    `config.data_dir(cfg)`)."""
+    return tfds_builder.build(_task_config(cfg), os.path.join(config_lib.data_dir(cfg), "tfds")).as_data_source()
+
+
+def tokenizer_cache_path(cfg) -> str:
+    """Where the tokenizer trained on this task suite is cached: named by the dataset and vocabulary."""
+    name = f"{_task_config(cfg).name}_v{cfg.tokenizer.vocab_size}.model"
+    return os.path.join(config_lib.data_dir(cfg), "tokenizers", name)
+
+
+def check_budgets(sources, tok: tok_lib.Tokenizer, prompt_len: int, solution_len: int) -> dict:
+    """Token counts of every prompt and reference solution against the static budgets.
+
+    Raises `ConfigError` naming `data.prompt_len` if a prompt does not fit (it could not be sampled).
+    Returns {'max_prompt_tokens', 'solutions_cut'}: the fraction of solutions (with EOS) longer than
+    `solution_len`, which SFT and reference prefixes see cut.
+    """
+    longest, cut, n = 0, 0, 0
+    for source in sources:
+        for i in range(len(source)):
+            r = tfds_builder.decode(source[i])
+            longest = max(longest, len(tok.encode(r["problem"])))
+            cut += len(tok.encode(r["solution"])) + 1 > solution_len
+            n += 1
+    if longest > prompt_len:
+        raise config_lib.ConfigError(f"config field 'data.prompt_len' = {prompt_len!r}: must be >= {longest}, the "
+                                     f"longest prompt of the data in tokens")
+    return {"max_prompt_tokens": longest, "solutions_cut": cut / max(n, 1)}
 
 
 def corpus(source) -> list[str]:
@@ -103,26 +133,3 @@ def eval_batches(source, encode: Encode, num: int, batch_size: int) -> list[dict
         batch["valid"] = valid
         batches.append(batch)
     return batches
-
-
-def with_reference_prefix(batch: dict, magnitude: float, pad_id: int, eos_id: int) -> dict:
-    """Off-policy guidance: the first round(r * L) tokens of each reference solution (L tokens without
-    its EOS, at most L - 1 so the policy always writes the end) move into the prompt as context.
-
-    prompt [B, P] + target [B, S] -> prompt [B, P + S] (left-padded, static shape), plus `prefix` [B, S]
-    (right-padded) and `prefix_len` [B], so rewards can score prefix + completion as one response.
-    """
-    prompt, plen, target, tlen = batch["prompt"], batch["prompt_len"], batch["target"], batch["target_len"]
-    B, P = prompt.shape
-    S = target.shape[1]
-    out_prompt = np.full((B, P + S), pad_id, np.int32)
-    prefix = np.full((B, S), pad_id, np.int32)
-    prefix_len = np.zeros(B, np.int32)
-    for i in range(B):
-        L = int(tlen[i]) - int(tlen[i] > 0 and target[i, tlen[i] - 1] == eos_id)  # the solution without EOS
-        k = min(int(np.floor(magnitude * L + 0.5)), max(L - 1, 0))
-        ids = np.concatenate([prompt[i, P - plen[i]:], target[i, :k]])
-        out_prompt[i, P + S - len(ids):] = ids
-        prefix[i, :k] = target[i, :k]
-        prefix_len[i] = k
-    return {**batch, "prompt": out_prompt, "prompt_len": plen + prefix_len, "prefix": prefix, "prefix_len": prefix_len}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 Params = Any
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give a uniform softmax, never NaN
+COMPUTE_DTYPES = ("float32", "bfloat16")  # matmul input dtypes (`model.dtype`); accumulation is float32
 
 
 @dataclasses.dataclass(frozen=True)

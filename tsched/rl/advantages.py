@@ -18,7 +18,6 @@ EPS = 1e-6
 ESTIMATORS, register = make_registry()
 
 
-
 @register("grpo")
 def grpo(s):
     return (s - s.mean(-1, keepdims=True)) / (s.std(-1, ddof=1, keepdims=True) + EPS)

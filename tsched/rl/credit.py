@@ -9,8 +9,9 @@ loss normaliser (selected or valid tokens) is chosen in `tsched.rl.losses`, neve
     tp           trajectory percentile: response of L tokens, the first min(floor(r L), L - 1) are context
     forking      per response the ceil((1 - r) n) highest-entropy valid tokens (ties: earlier token first)
     entropy_adv  A' = A + r min(alpha sg(H), |A| / kappa) on every valid token (Cheng et al. 2506.14758)
-    off_policy   the schedule acts on the prompt (a reference-solution prefix, see tsched.data), so the
-                 sampled tokens get uniform credit
+
+The paper's fourth strategy, off-policy prefixes, acts on the prompt, not on credit: it is a prompt
+transform of the rollout (`tsched.rollout`, `rl.prompt_transform=reference_prefix`), driven by the same r.
 
 Counts use float32 products of r with lengths, as the jitted loss computes them.
 """
@@ -25,7 +26,6 @@ from tsched.registry import make_registry
 CRITERIA, register = make_registry()
 
 
-
 def _lengths(mask):
     return jnp.sum(mask, axis=-1).astype(jnp.int32)
 
@@ -33,11 +33,6 @@ def _lengths(mask):
 @register("uniform")
 def uniform(r, adv, mask, entropies, cfg):
     return mask, adv[:, None] * mask
-
-
-@register("off_policy")
-def off_policy(r, adv, mask, entropies, cfg):
-    return uniform(r, adv, mask, entropies, cfg)
 
 
 @register("tp")

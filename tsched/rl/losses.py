@@ -11,7 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tsched.registry import make_registry
+
 LOG_RATIO_CLAMP = 20.0
+LOG_RATIOS, register_log_ratio = make_registry()
+KL_ESTIMATORS, register_kl = make_registry()
+AGGREGATIONS, register_aggregation = make_registry()
 
 
 def clipped_objective(log_ratio, adv, clip_low: float, clip_high: float, dual_clip: float):
@@ -29,10 +34,12 @@ def clipped_objective(log_ratio, adv, clip_low: float, clip_high: float, dual_cl
     return loss, clipped > unclipped
 
 
+@register_log_ratio("ppo")
 def ppo_log_ratio(logp, old_logp, mask):
     return logp - old_logp
 
 
+@register_log_ratio("gspo")
 def gspo_log_ratio(logp, old_logp, mask):
     """GSPO token form: value log s_i = mean_t(logp - old) over the row, gradient of each token's logp."""
     m = mask.astype(jnp.float32)
@@ -41,37 +48,58 @@ def gspo_log_ratio(logp, old_logp, mask):
     return logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(log_s)[:, None]
 
 
-LOG_RATIOS = {"ppo": ppo_log_ratio, "gspo": gspo_log_ratio}
+@register_kl("k1")
+def kl_k1(logp, ref_logp):
+    """logp - ref: unbiased, can be negative per token."""
+    return logp - ref_logp
 
 
-def kl(logp, ref_logp, estimator: str):
-    """Per-token KL(pi || pi_ref) estimate: k1 = logp - ref; k3 = exp(ref - logp) - (ref - logp) - 1."""
+@register_kl("k3")
+def kl_k3(logp, ref_logp):
+    """exp(ref - logp) - (ref - logp) - 1: unbiased and non-negative (Schulman's k3)."""
     d = ref_logp - logp
-    if estimator == "k1":
-        return -d
     return jnp.exp(jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - d - 1.0
 
 
+def kl(logp, ref_logp, estimator: str):
+    """Per-token KL(pi || pi_ref) estimate [N, T] by the named estimator."""
+    return KL_ESTIMATORS[estimator](logp, ref_logp)
+
+
+@register_aggregation("token-mean")
+def token_mean(seq_sum, n_tokens, horizon):
+    """sum(l) / #norm tokens"""
+    return jnp.sum(seq_sum), jnp.sum(n_tokens)
+
+
+@register_aggregation("seq-mean-token-sum")
+def seq_mean_token_sum(seq_sum, n_tokens, horizon):
+    """sum_i sum_t(l) / #seqs"""
+    return jnp.sum(seq_sum), _n_seqs(n_tokens)
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(seq_sum, n_tokens, horizon):
+    """sum_i [sum_t(l) / #norm tokens_i] / #seqs"""
+    return jnp.sum(seq_sum / jnp.maximum(n_tokens, 1.0)), _n_seqs(n_tokens)
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(seq_sum, n_tokens, horizon):
+    """sum_i sum_t(l) / (#seqs * T), T the padded horizon (Dr. GRPO's constant normaliser)"""
+    return jnp.sum(seq_sum), _n_seqs(n_tokens) * horizon
+
+
+def _n_seqs(n_tokens):
+    """A sequence counts in seq-mean modes if it has a token to normalise by."""
+    return jnp.sum(n_tokens > 0).astype(jnp.float32)
+
+
 def aggregate(loss, loss_mask, norm_mask, mode: str):
-    """(numerator, denominator) of the aggregated loss; loss = numerator / denominator.
+    """(numerator, denominator) of the aggregated loss [N, T] -> scalars; loss = numerator / denominator.
 
     loss_mask selects the tokens whose loss counts; norm_mask the tokens a mean divides by (the selected
-    tokens, or all valid tokens). A sequence counts in seq-mean modes if it has a norm_mask token.
-        token-mean               sum(l) / #norm tokens
-        seq-mean-token-sum       sum_i sum_t(l) / #seqs
-        seq-mean-token-mean      sum_i [sum_t(l) / #norm tokens_i] / #seqs
-        seq-mean-token-sum-norm  sum_i sum_t(l) / (#seqs * T)   (T = padded horizon)
+    tokens, or all valid tokens). Modes are the registered `AGGREGATIONS`.
     """
     lm, nm = loss_mask.astype(jnp.float32), norm_mask.astype(jnp.float32)
-    seq_sum = jnp.sum(loss * lm, -1)
-    n_tokens = jnp.sum(nm, -1)
-    n_seqs = jnp.sum(n_tokens > 0).astype(jnp.float32)
-    if mode == "token-mean":
-        return jnp.sum(seq_sum), jnp.sum(n_tokens)
-    if mode == "seq-mean-token-sum":
-        return jnp.sum(seq_sum), n_seqs
-    if mode == "seq-mean-token-mean":
-        return jnp.sum(seq_sum / jnp.maximum(n_tokens, 1.0)), n_seqs
-    if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(seq_sum), n_seqs * loss.shape[-1]
-    raise ValueError(f"unknown aggregation mode {mode!r}")
+    return AGGREGATIONS[mode](jnp.sum(loss * lm, -1), jnp.sum(nm, -1), loss.shape[-1])

@@ -11,10 +11,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tsched.registry import make_registry
 from tsched.rl import credit, losses
 
 KL_BINS = 10  # trajectory-percentile bins of the KL-to-initial-policy metric
 STAGES = {"first10": (0.0, 0.1), "mid45_55": (0.45, 0.55), "last10": (0.9, 1.0)}
+
+# Which tokens a mean divides by (`rl.credit.normalizer`): (selected [N, T], valid [N, T]) -> [N, T].
+NORMALIZERS, register_normalizer = make_registry()
+register_normalizer("selected_tokens")(lambda selected, valid: selected)  # the RLVR-Schedule code
+register_normalizer("valid_tokens")(lambda selected, valid: valid)  # the 80/20 paper, TRL
 
 
 def token_stats_from_logits(logits, targets, temperature: float = 1.0):
@@ -30,25 +36,32 @@ def token_stats_from_logits(logits, targets, temperature: float = 1.0):
 
 
 def stage_masks(mask):
-    """Token position as a fraction of its response length [N, T], and masks per trajectory stage."""
+    """Token position as a fraction of its response length [N, T], and masks per trajectory stage.
+
+    Token t of L sits at the centre of its share of the response, (t + 1/2) / L: with t / L the last
+    token of a short response never reached the last stage (L < 10) or the last KL bins.
+    """
     L = jnp.sum(mask, -1, keepdims=True).astype(jnp.float32)
-    frac = jnp.arange(mask.shape[1])[None, :] / jnp.maximum(L, 1.0)
+    frac = (jnp.arange(mask.shape[1])[None, :] + 0.5) / jnp.maximum(L, 1.0)
     return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
 
 
-def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None):
+def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, sample_logp=None):
     """-> (numerator, denominator, metric sums {name: (sum, count)}).
 
     rl: the `config.rl` section; r: schedule magnitude; logp, entropy [N, T] (with gradient);
     adv [N]; mask [N, T] valid response tokens; ref_logp [N, T] of the reference policy or None.
-    On-policy single update: the sampling policy is the current one, so old log-probs are the
-    current ones without gradient (ratio 1 in value) and no separate scoring pass is needed.
+    old_logp [N, T]: log-probs of the policy that sampled; None = the on-policy single update, where
+    the sampling policy is the current one, so old log-probs are the current ones without gradient
+    (ratio 1 in value) and no separate scoring pass is needed. That shortcut is right only while the
+    sampler and the learner agree on every token's log-prob (same temperature, same positions):
+    sample_logp [N, T], the sampler's own log-probs, feeds the `logp_mismatch` metric that checks it.
     """
     ccfg = rl.credit
-    old_logp = jax.lax.stop_gradient(logp)
+    old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
     ent = jax.lax.stop_gradient(entropy)
     loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, ent, ccfg)
-    norm_mask = loss_mask if ccfg.normalizer == "selected_tokens" else mask
+    norm_mask = NORMALIZERS[ccfg.normalizer](loss_mask, mask)
     log_ratio = losses.LOG_RATIOS[rl.loss](logp, old_logp, loss_mask)
     per_token, clipped = losses.clipped_objective(log_ratio, token_adv, rl.clip_low, rl.clip_high, rl.dual_clip)
 
@@ -60,6 +73,9 @@ def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None):
         "clip_frac": (jnp.sum(f32(clipped & loss_mask)), jnp.sum(f32(loss_mask))),
         **{f"entropy_{k}": (jnp.sum(ent * m), jnp.sum(f32(m))) for k, m in stages.items()},
     }
+    if sample_logp is not None:
+        gap = jnp.abs(jax.lax.stop_gradient(logp) - sample_logp)
+        sums["logp_mismatch"] = (jnp.sum(gap * mask), jnp.sum(f32(mask)))
     if ref_logp is not None:
         kl_tok = losses.kl(logp, jax.lax.stop_gradient(ref_logp), rl.kl_estimator)
         if rl.kl_coef:

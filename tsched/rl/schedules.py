@@ -23,7 +23,6 @@ from tsched.registry import make_registry
 PROFILES, register = make_registry()
 
 
-
 @register("linear")
 def linear(p, m, cfg):
     return m * (1.0 - p)

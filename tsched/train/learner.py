@@ -5,6 +5,9 @@ counter, the credit criterion turns it into a token mask / token advantages, and
 the configured aggregation gives the loss, all inside one `jax.jit` that compiles once for every step.
 
 State (everything a resume needs besides the data iterator): {'params', 'opt_state', 'step', 'rng'}.
+`state['step']` is the one step counter of a run: the update computes the schedule at
+`state['step'] + 1` (the paper's counter starts at 1), and the trainer derives the same number from
+the state for sampling keys, prompt transforms, logs and checkpoints.
 Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G.
 """
 
@@ -75,12 +78,13 @@ def make_sft_step(model_cfg, tx):
     return sft_step
 
 
-def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int):
+def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int, sample_logp=None):
     """Loss, gradient and metric sums of the scheduled objective, accumulated over `rl.micro_batches`.
 
-    tokens, valid [N, P+T], mask [N, T], adv [N]; r the schedule magnitude. Returns (loss, grads,
-    sums) with loss and grads normalised by the denominator summed over all micro-batches, so the
-    result equals one pass over the whole batch for every aggregation mode.
+    tokens, valid [N, P+T], mask [N, T], adv [N]; r the schedule magnitude; sample_logp [N, T] the
+    sampler's log-probs (for the mismatch metric) or None. Returns (loss, grads, sums) with loss and
+    grads normalised by the denominator summed over all micro-batches, so the result equals one pass
+    over the whole batch for every aggregation mode.
     """
     M = rl.micro_batches
 
@@ -88,11 +92,15 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, a
         logp, entropy = token_stats(model_cfg, params, mb["tokens"], mb["valid"], P, rl.temperature)
         ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, mb["tokens"], mb["valid"], P,
                                                                rl.temperature)[0]
-        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp)
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
+                                               sample_logp=mb.get("sample_logp"))
         return num, (den, sums)
 
     split = lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:])
-    mbs = {"tokens": split(tokens), "valid": split(valid), "mask": split(mask), "adv": split(adv)}
+    mbs = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    if sample_logp is not None:
+        mbs["sample_logp"] = sample_logp
+    mbs = jax.tree.map(split, mbs)
 
     def body(carry, mb):
         (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
@@ -106,21 +114,24 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, a
 
 
 def make_rl_step(cfg, model_cfg, tx):
-    """The jitted RL update `(state, ref_params, prompts, prompt_lens, completions, lengths, rewards)`.
+    """The jitted RL update `(state, ref_params, batch) -> (new state, metrics)`.
 
-    `ref_params` (the initial policy) is used for the KL penalty and the KL-by-percentile metric; pass
-    None to skip that extra forward pass. Returns (new state, metrics dict of float32 scalars).
+    batch: {'prompts' [B, P], 'prompt_lens' [B], 'completions' [N, T], 'lengths' [N], 'rewards' [N]}
+    and optionally 'sample_logp' [N, T] (the sampler's log-probs, for the `logp_mismatch` metric), as
+    `tsched.rollout.Rollout.learner_batch()` gives it. `ref_params` (the initial policy) is used for the
+    KL penalty and the KL-by-percentile metric; pass None to skip that extra forward pass. Metrics are
+    float32 scalars.
     """
     rl = cfg.rl
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def rl_step(state, ref_params, prompts, prompt_lens, completions, lengths, rewards):
-        step = state["step"] + 1  # the schedule's step counter starts at 1
-        r = schedules.magnitude(step, rl.schedule)
+    def rl_step(state, ref_params, batch):
+        prompts, lengths, rewards = batch["prompts"], batch["lengths"], batch["rewards"]
+        r = schedules.magnitude(state["step"] + 1, rl.schedule)
         adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
-        tokens, valid, mask = join(prompts, prompt_lens, completions, lengths)
+        tokens, valid, mask = join(prompts, batch["prompt_lens"], batch["completions"], lengths)
         loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, tokens, valid, mask, adv,
-                                            prompts.shape[1])
+                                            prompts.shape[1], batch.get("sample_logp"))
         new_state = _apply(tx, state, grads)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         if "kl_bins" in metrics:

@@ -1,7 +1,7 @@
 """The RLVR run: data and tokenizer, SFT warm start, evaluation, scheduled RL, evaluation, summary.
 
-Resume order (`train.resume=True` on the same run_dir): the tokenizer and dataset are found on disk; the
-SFT result is restored from `ckpt/sft` (it is also the reference policy); the RL state, RNG key and data
+Resume order (`train.resume=True` on the same run_dir): the tokenizer and dataset are found in the data
+cache (`config.data_dir`); the SFT result is restored from `ckpt/sft` (it is also the reference policy); the RL state, RNG key and data
 iterator state from the latest `ckpt/rl` step; RL continues at the next step with the same batches and
 the same per-step sampling keys (`fold_in(key, step)`), so the result equals an uninterrupted run.
 Without resume, an existing run_dir is moved aside (never deleted) and the run starts afresh.
@@ -16,19 +16,19 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
+from tsched import eval as eval_lib
 from tsched import model as model_lib
-from tsched import sharding
+from tsched import rollout, sharding
 from tsched.config import validate
 from tsched.data import pipeline, tokenizer as tok_lib
 from tsched.rl import schedules
-from tsched.sampling.sampler import SamplingConfig, sample
+from tsched.sampling.sampler import SamplingConfig
 from tsched.train import learner
 from tsched.train.checkpoint import Checkpointer
 from tsched.train.metrics import MetricsWriter, plot_curves, summary_line
-from tsched.verify.pool import STATUSES, VerifierPool
+from tsched.verify.pool import VerifierPool
 
 
 def _prepare_run_dir(cfg) -> None:
@@ -41,58 +41,25 @@ def _prepare_run_dir(cfg) -> None:
         f.write(cfg.to_json_best_effort(indent=2))
 
 
-def _score(pool, tok, tokens, lengths, answers, verifiers, prefix=None, prefix_len=None):
-    """Detokenize completions [N, T] (after their off-policy prefix [N, S], if any) and verify them.
-
-    The reward always judges the full response -> (rewards [N] float32, verdicts).
-    """
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    rows = [list(tokens[i, : lengths[i]]) for i in range(len(tokens))]
-    if prefix is not None:
-        rows = [list(prefix[i, : prefix_len[i]]) + row for i, row in enumerate(rows)]
-    texts = [tok.decode(row) for row in rows]
-    verdicts = pool.score(texts, list(answers), list(verifiers))
-    return np.array([v.reward for v in verdicts], np.float32), verdicts
-
-
-def verify_metrics(verdicts) -> dict:
-    lat = np.array([v.latency_s for v in verdicts])
-    out = {f"verify_{s}": float(np.mean([v.status == s for v in verdicts])) for s in STATUSES}
-    out.update(verify_latency_p50_s=float(np.percentile(lat, 50)), verify_latency_p99_s=float(np.percentile(lat, 99)))
-    return out
-
-
-def evaluate(model_cfg, scfg: SamplingConfig, params, batches, tok, pool, key) -> dict:
-    """Accuracy over the eval batches, overall and per family: the mean correctness of the
-    `scfg.num_samples` samples of every problem (avg@k; temperature 0 = greedy, k = 1)."""
-    correct, families = [], []
-    k = scfg.num_samples
-    for i, b in enumerate(batches):
-        out = sample(model_cfg, scfg, params, jnp.asarray(b["prompt"]), jnp.asarray(b["prompt_len"]),
-                     jax.random.fold_in(key, i))
-        rewards, _ = _score(pool, tok, out["tokens"], out["lengths"], np.repeat(b["answer"], k),
-                            np.repeat(b["verifier"], k))
-        valid = np.repeat(b["valid"], k)
-        correct += list(rewards[valid] == 1.0)
-        families += list(np.repeat(b["family"], k)[valid])
-    correct, families = np.array(correct), np.array(families)
-    return {"accuracy": float(correct.mean()), "problems": int(len(correct)) // k, "samples_per_problem": k,
-            "per_family": {f: float(correct[families == f].mean()) for f in sorted(set(families))}}
-
-
 def run(cfg) -> str:
-    """Runs the configured experiment; returns the path of its summary.json."""
+    """Runs the configured experiment; returns the path of its summary.json.
+
+    Order: everything that can reject the config (validation, the token budgets of the data) comes
+    before anything is written to the run directory.
+    """
     t_start = time.time()
     validate(cfg)
+
+    # ---- Data and tokenizer (cached outside the run directory, see config.data_dir)
+    splits = pipeline.open_splits(cfg)
+    tok = tok_lib.load_or_train(cfg.tokenizer.model_path, pipeline.tokenizer_cache_path(cfg),
+                                pipeline.corpus(splits["train"]), cfg.tokenizer.vocab_size)
+    P = cfg.data.prompt_len
+    budgets = pipeline.check_budgets(splits.values(), tok, P, cfg.data.max_solution_tokens)
+
     _prepare_run_dir(cfg)
     run_dir = cfg.run_dir
-
-    # ---- Data and tokenizer
-    splits = pipeline.open_splits(cfg)
-    tok = tok_lib.load_or_train(cfg.tokenizer.model_path, os.path.join(run_dir, "tokenizer.model"),
-                                pipeline.corpus(splits["train"]), cfg.tokenizer.vocab_size)
     model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
-    P, T = cfg.data.prompt_len, cfg.rl.max_new_tokens
     eval_batches = pipeline.eval_batches(splits["eval"], pipeline.Encode(tok.path, P), cfg.eval.num_problems,
                                          cfg.eval.batch_size)
 
@@ -103,18 +70,15 @@ def run(cfg) -> str:
     params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_shardings)(
         jax.random.fold_in(key, 0))
     print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-          f"mesh {dict(mesh.shape)}, devices {jax.device_count()} x {jax.devices()[0].platform}")
+          f"mesh {dict(mesh.shape)}, devices {jax.device_count()} x {jax.devices()[0].platform}; "
+          f"longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
+          f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}")
 
     sft_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "sft"), keep=1)
     rl_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "rl"), keep=cfg.train.keep_checkpoints)
     resume_sft = cfg.train.resume and sft_ckpt.latest_step() is not None
     resume_rl = (rl_ckpt.latest_step() or 0) if cfg.train.resume else 0
     writer = MetricsWriter(run_dir, resume_step=resume_rl, keep_sft=resume_sft)
-    greedy = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0)
-    sampled = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.eval.temperature,
-                             num_samples=cfg.eval.samples)
-    rollout = SamplingConfig(max_new_tokens=T, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.rl.temperature,
-                             top_p=cfg.rl.top_p, top_k=cfg.rl.top_k, num_samples=cfg.rl.group_size)
     eval_key = jax.random.fold_in(key, 1)
 
     with VerifierPool(cfg.verify.num_workers, cfg.verify.timeout_s, cfg.verify.memory_mb,
@@ -131,18 +95,16 @@ def run(cfg) -> str:
         if cfg.train.resume and os.path.exists(before_path):
             before = json.load(open(before_path))
         else:
-            before = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
-                      "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
+            before = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
             json.dump(before, open(before_path, "w"), indent=2)
         print(f"eval before RL: avg@{cfg.eval.samples} {before['sampled']['accuracy']:.3f}, "
               f"greedy {before['greedy']['accuracy']:.3f}")
 
         # ---- RL
-        params = _rl(cfg, model_cfg, params, splits["train"], tok, rollout, pool, rl_ckpt, writer, key)
+        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key)
 
         # ---- Evaluation after RL
-        after = {"greedy": evaluate(model_cfg, greedy, params, eval_batches, tok, pool, eval_key),
-                 "sampled": evaluate(model_cfg, sampled, params, eval_batches, tok, pool, eval_key)}
+        after = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
         print(f"eval after RL: avg@{cfg.eval.samples} {after['sampled']['accuracy']:.3f}, "
               f"greedy {after['greedy']['accuracy']:.3f}")
     writer.close()
@@ -150,8 +112,6 @@ def run(cfg) -> str:
     rl_ckpt.close()
     plot_curves(writer.path, os.path.join(run_dir, "curves.png"))
 
-    # The headline accuracy is avg@k at the sampling temperature: what RL optimizes (expected reward of
-    # the sampled policy), estimated with k samples per problem; greedy accuracy is reported beside it.
     summary = {
         "eval_accuracy_before_rl": before["sampled"]["accuracy"],
         "eval_accuracy_after_rl": after["sampled"]["accuracy"],
@@ -164,6 +124,7 @@ def run(cfg) -> str:
         "eval_greedy_per_family_before_rl": before["greedy"]["per_family"],
         "eval_greedy_per_family_after_rl": after["greedy"]["per_family"],
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
+        "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
     path = os.path.join(run_dir, "summary.json")
@@ -192,52 +153,47 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer):
     return state["params"]
 
 
-def _rl(cfg, model_cfg, params, train_source, tok, rollout, pool, ckpt, writer, key):
-    """Scheduled RL; checkpoints every `train.checkpoint_every` steps and at the end."""
+def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
+    """Scheduled RL; checkpoints every `train.checkpoint_every` steps and at the end.
+
+    The step number of each iteration is read from the train state (`state['step'] + 1`), the counter
+    the jitted update computes its schedule from: sampling keys, the prompt transform, logs and
+    checkpoints all use that one number.
+    """
     rl = cfg.rl
-    off_policy = rl.credit.strategy == "off_policy"
-    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens if off_policy else 0)
+    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
+    scfg = SamplingConfig(max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, num_samples=rl.group_size)
     tx = learner.make_optimizer(rl.lr, rl.max_grad_norm)
     need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
     ref_params = params if need_ref else None
     # The update donates its state, so the policy must not share buffers with the reference policy.
     state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.fold_in(key, 2))
     rl_step = learner.make_rl_step(cfg, model_cfg, tx)
-    data = pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2)
-    it = iter(data)
-    start = 0
+    it = iter(pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2))
     if cfg.train.resume and ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(ckpt.latest_step(), state)
         it.set_state(data_state)
-        start = int(state["step"])
-        print(f"resumed RL at step {start}")
+        print(f"resumed RL at step {int(state['step'])}")
 
-    bar = tqdm(range(start + 1, rl.steps + 1), desc="RL", disable=not cfg.train.progress, dynamic_ncols=True,
-               initial=start, total=rl.steps)
-    for step in bar:
-        b = next(it)
-        if off_policy:  # the schedule acts on the prompt: r of each reference solution becomes context
-            b = pipeline.with_reference_prefix(b, float(schedules.magnitude(step, rl.schedule)), tok.pad_id, tok.eos_id)
+    step = int(state["step"]) + 1
+    bar = tqdm(total=rl.steps, initial=step - 1, desc="RL", disable=not cfg.train.progress, dynamic_ncols=True)
+    while step <= rl.steps:
+        r = float(schedules.magnitude(step, rl.schedule))
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        ro = rollout.generate(model_cfg, scfg, state["params"], next(it), step_key, tok, pool, rl.prompt_transform, r)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(sample(model_cfg, rollout, state["params"], b["prompt"], b["prompt_len"], step_key))
-        t1 = time.perf_counter()
-        G = rl.group_size
-        prefix = (np.repeat(b["prefix"], G, 0), np.repeat(b["prefix_len"], G)) if off_policy else (None, None)
-        rewards, verdicts = _score(pool, tok, out["tokens"], out["lengths"], np.repeat(b["answer"], G),
-                                   np.repeat(b["verifier"], G), *prefix)
-        t2 = time.perf_counter()
-        state, m = rl_step(state, ref_params, b["prompt"], b["prompt_len"], out["tokens"], out["lengths"], rewards)
-        m = jax.device_get(m)
-        t3 = time.perf_counter()
-        m.update(verify_metrics(verdicts), accuracy=float(np.mean(rewards == 1.0)), sample_s=t1 - t0,
-                 verify_s=t2 - t1, update_s=t3 - t2,
-                 sample_tokens_per_s=float(np.sum(np.asarray(out["lengths"]))) / (t1 - t0))
+        state, m = rl_step(state, ref_params, ro.learner_batch())
+        m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
+        if int(state["step"]) != step:
+            raise RuntimeError(f"the update advanced the step counter to {int(state['step'])}, expected {step}")
         writer.write(step, m)
-        bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}",
-                        tok_s=f"{m['sample_tokens_per_s']:.0f}")
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == rl.steps:
             tqdm.write(summary_line(step, rl.steps, m))
         if step % cfg.train.checkpoint_every == 0 or step == rl.steps:
             ckpt.save(step, state, it.get_state())
+        step += 1
+    bar.close()
     return state["params"]

@@ -10,7 +10,6 @@ replacement does not stall the batch while a new process imports its checkers.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -88,7 +87,6 @@ class VerifierPool:
         for _ in range(num_workers + (num_workers if spares is None else spares)):
             self._spawn()
         self._lock = threading.Lock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._failed_starts = 0
         self.counts = collections.Counter()  # statuses over the pool's lifetime
 
@@ -105,7 +103,6 @@ class VerifierPool:
         self._spawn()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
         for w in list(self._workers):
             self._sel.unregister(w.proc.stdout)
             w.kill()
@@ -123,10 +120,6 @@ class VerifierPool:
         return sum(w.proc.poll() is None for w in self._workers)
 
     # ---- scoring
-    def submit(self, completions, answers, verifiers) -> concurrent.futures.Future:
-        """Scores in a background thread, so the trainer can overlap verification with device work."""
-        return self._executor.submit(self.score, completions, answers, verifiers)
-
     def score(self, completions, answers, verifiers) -> list[Verdict]:
         if not (len(completions) == len(answers) == len(verifiers)):
             raise ValueError("completions, answers and verifiers must have the same length")
