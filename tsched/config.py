@@ -15,7 +15,7 @@ CHOICES = {
     "data.families": None,  # checked against the task registry (comma-separated list)
     "model.dtype": ("float32", "bfloat16"),
     "rl.advantage": ("grpo", "drgrpo", "rloo"),
-    "rl.loss": ("ppo", "gspo"),
+    "rl.loss": ("ppo", "gspo", "trace", "clip_cov", "kl_cov"),
     "rl.aggregation": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "rl.kl_estimator": ("k1", "k3"),
     "rl.credit.strategy": ("uniform", "tp", "forking", "entropy_adv", "off_policy"),
@@ -98,6 +98,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.credit.normalizer = "selected_tokens"
     c.rl.credit.alpha = 0.4  # entropy_adv
     c.rl.credit.kappa = 2.0  # entropy_adv
+    c.rl.credit.d3s_max_drop = 1.0  # d3s: fraction of tokens dropped at r = 1 (ratios not published)
+    c.rl.credit.empg_k = 1.0  # empg: g = exp(-k Hn) / mean (paper)
+    c.rl.credit.empg_k_f = 1.0  # empg: future-clarity bonus exp(-k_f Hn_{t+1}) (paper)
+    c.rl.credit.empg_zeta = 0.1  # empg: bonus weight (paper)
+    c.rl.credit.clip_cov_ratio = 2e-4  # rl.loss=clip_cov: fraction of tokens detached (paper, verl)
+    c.rl.credit.clip_cov_lb = 1.0  # clip_cov: covariance band (lb, ub) of the candidates (verl)
+    c.rl.credit.clip_cov_ub = 5.0
+    c.rl.credit.kl_cov_ratio = 2e-4  # rl.loss=kl_cov: fraction of top-covariance tokens penalised (paper, verl)
+    c.rl.credit.kl_cov_beta = 1.0  # kl_cov: |log ratio| coefficient (paper; verl's dataclass default 0.1)
+
+    c.rl.trace = ml_collections.ConfigDict()  # rl.loss=trace (P-trace / S-trace, tsched's formalisation)
+    c.rl.trace.lam = 0.9  # trace decay per trace token: 0 = token PPO, 1 = prefix mean (GSPO-like); ours
+    c.rl.trace.entropy_top = 1.0  # top-entropy fraction per response carrying the trace: 1 = P-trace, < 1 = S-trace
 
     c.rl.schedule = ml_collections.ConfigDict()
     c.rl.schedule.mode = "linear"
@@ -174,6 +187,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check("rl.schedule.min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
     check("rl.schedule.max_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
     check("rl.schedule.initial_magnitude", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check("rl.credit.d3s_max_drop", lambda v: 0 <= v <= 1, "in [0, 1]")
+    for f in ("rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta", "rl.credit.kl_cov_beta"):
+        check(f, lambda v: v >= 0, ">= 0")
+    check("rl.credit.clip_cov_ratio", lambda v: 0 < v <= 1, "in (0, 1]")
+    check("rl.credit.kl_cov_ratio", lambda v: 0 < v <= 1, "in (0, 1]")
+    check("rl.credit.clip_cov_ub", lambda v: v > cfg.rl.credit.clip_cov_lb, "> rl.credit.clip_cov_lb")
+    check("rl.trace.lam", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check("rl.trace.entropy_top", lambda v: 0 < v <= 1, "in (0, 1]")
     check("data.min_difficulty", lambda v: v >= 1, ">= 1")
     check("data.max_difficulty", lambda v: v >= cfg.data.min_difficulty, ">= data.min_difficulty")
     check("model.n_heads", lambda v: v % cfg.model.n_kv_heads == 0, "a multiple of model.n_kv_heads")

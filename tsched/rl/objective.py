@@ -36,29 +36,45 @@ def stage_masks(mask):
     return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
 
 
-def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None):
+def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, key=None):
     """-> (numerator, denominator, metric sums {name: (sum, count)}).
 
     rl: the `config.rl` section; r: schedule magnitude; logp, entropy [N, T] (with gradient);
     adv [N]; mask [N, T] valid response tokens; ref_logp [N, T] of the reference policy or None.
-    On-policy single update: the sampling policy is the current one, so old log-probs are the
-    current ones without gradient (ratio 1 in value) and no separate scoring pass is needed.
+    old_logp [N, T]: log-probs of the sampling policy, or None for an on-policy single update: the
+    sampling policy is the current one, so old log-probs are the current ones without gradient (ratio 1
+    in value) and no separate scoring pass is needed. key: a PRNG key, needed by `rl.loss=clip_cov` only
+    (its random token pick).
     """
     ccfg = rl.credit
-    old_logp = jax.lax.stop_gradient(logp)
+    old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
     ent = jax.lax.stop_gradient(entropy)
     loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, ent, ccfg)
     norm_mask = loss_mask if ccfg.normalizer == "selected_tokens" else mask
-    log_ratio = losses.LOG_RATIOS[rl.loss](logp, old_logp, loss_mask)
-    per_token, clipped = losses.clipped_objective(log_ratio, token_adv, rl.clip_low, rl.clip_high, rl.dual_clip)
-
     f32 = lambda x: x.astype(jnp.float32)
+    cov_sums = {}
+    if rl.loss == "clip_cov":
+        if key is None:
+            raise ValueError("rl.loss='clip_cov' draws tokens at random: policy_loss needs a PRNG `key`")
+        per_token, clipped, picked = losses.clip_cov(logp, old_logp, token_adv, loss_mask, key, rl.clip_low,
+                                                     rl.clip_high, rl.dual_clip, ccfg.clip_cov_ratio,
+                                                     ccfg.clip_cov_lb, ccfg.clip_cov_ub)
+        cov_sums = {"cov_frac": (jnp.sum(f32(picked)), jnp.sum(f32(loss_mask)))}
+    elif rl.loss == "kl_cov":
+        per_token, picked = losses.kl_cov(logp, old_logp, token_adv, loss_mask, ccfg.kl_cov_ratio, ccfg.kl_cov_beta)
+        clipped = jnp.zeros_like(loss_mask)
+        cov_sums = {"cov_frac": (jnp.sum(f32(picked)), jnp.sum(f32(loss_mask)))}
+    else:
+        log_ratio = losses.LOG_RATIOS[rl.loss](logp, old_logp, loss_mask, ent, rl.get("trace"))
+        per_token, clipped = losses.clipped_objective(log_ratio, token_adv, rl.clip_low, rl.clip_high, rl.dual_clip)
+
     frac, stages = stage_masks(mask)
     sums = {
         "tokens_optimized_frac": (jnp.sum(f32(loss_mask)), jnp.sum(f32(mask))),
         "entropy": (jnp.sum(ent * mask), jnp.sum(f32(mask))),
         "clip_frac": (jnp.sum(f32(clipped & loss_mask)), jnp.sum(f32(loss_mask))),
         **{f"entropy_{k}": (jnp.sum(ent * m), jnp.sum(f32(m))) for k, m in stages.items()},
+        **cov_sums,
     }
     if ref_logp is not None:
         kl_tok = losses.kl(logp, jax.lax.stop_gradient(ref_logp), rl.kl_estimator)
