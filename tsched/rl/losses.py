@@ -172,7 +172,10 @@ def kl_cov(logp, old_logp, adv, mask, ratio, beta):
     log_ratio = logp - old_logp
     ratio_t = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     penalised = _flat_top(covariance(adv, logp, mask), mask, _count(ratio, jnp.sum(mask).astype(jnp.int32)))
-    return -adv * ratio_t + jnp.where(penalised, beta * jnp.abs(log_ratio), 0.0), penalised
+    # |x| written as x sg(sign x): the derivative of jnp.abs at 0 is 1, the subgradient sign(0) = 0 is
+    # what the reference (torch.abs) uses, and on-policy every log-ratio is exactly 0.
+    abs_log_ratio = log_ratio * jax.lax.stop_gradient(jnp.sign(log_ratio))
+    return -adv * ratio_t + jnp.where(penalised, beta * abs_log_ratio, 0.0), penalised
 
 
 def kl(logp, ref_logp, estimator: str):
