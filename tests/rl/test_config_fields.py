@@ -11,7 +11,8 @@ def test_defaults_are_the_published_ones_and_valid():
     validate(cfg)
     c = cfg.rl.credit
     assert (c.empg_k, c.empg_k_f, c.empg_zeta) == (1.0, 1.0, 0.1)
-    assert (c.clip_cov_ratio, c.clip_cov_lb, c.clip_cov_ub, c.kl_cov_ratio, c.kl_cov_beta) == (2e-4, 1.0, 5.0, 2e-4, 1.0)
+    assert (c.clip_cov_ratio, c.clip_cov_lb, c.clip_cov_ub) == (2e-4, 1.0, 5.0)
+    assert (c.kl_cov_ratio, c.kl_cov_beta) == (2e-4, 1.0)
     assert cfg.rl.trace.entropy_top == 1.0  # P-trace unless asked
 
 

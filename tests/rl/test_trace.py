@@ -103,7 +103,8 @@ def test_long_responses_stay_finite_and_exact():
     rng = np.random.default_rng(4)
     d = (rng.normal(size=(1, T)) * 0.1).astype(np.float32)
     mask = np.ones((1, T), bool)
-    f = jax.jit(lambda x, lam: losses.trace_log_ratio(x, jnp.zeros_like(x), mask, x, SimpleNamespace(lam=lam, entropy_top=1.0)))
+    cfg = lambda lam: SimpleNamespace(lam=lam, entropy_top=1.0)
+    f = jax.jit(lambda x, lam: losses.trace_log_ratio(x, jnp.zeros_like(x), mask, x, cfg(lam)))
     for lam in (0.5, 0.999):
         got = np.asarray(f(d, jnp.float32(lam)))
         assert np.all(np.isfinite(got))

@@ -92,8 +92,8 @@ def forking_batch(r, adv, mask, entropies, cfg):
     scheduled, r -> 0 widens to every valid token (GRPO). Under micro-batching the batch is the micro-batch.
     """
     N, T = mask.shape
-    flat = top_k_mask(entropies.reshape(1, N * T), mask.reshape(1, N * T), _keep(1.0 - r, _lengths(mask.reshape(1, -1))))
-    selected = flat.reshape(N, T)
+    flat_mask = mask.reshape(1, N * T)
+    selected = top_k_mask(entropies.reshape(1, N * T), flat_mask, _keep(1.0 - r, _lengths(flat_mask))).reshape(N, T)
     return selected, adv[:, None] * selected
 
 

@@ -11,11 +11,13 @@
     kl_cov    unclipped -A ratio, and the top-covariance tokens get a |log ratio| penalty (2505.22617,
               `rl.credit.kl_cov_*`)
 
-The first three are `LOG_RATIOS` fed to `clipped_objective`; the covariance losses replace the clipped
-objective and take (logp, old_logp, ...) explicitly. All functions take [N, T] arrays. Aggregation returns (numerator, denominator) with a denominator that
-does not depend on the parameters, so gradient accumulation over micro-batches is exact: accumulate
-gradients of numerators and the denominators, divide once (peers that normalised per micro-batch
-silently re-weighted tokens, verl #5625).
+The first three are `LOG_RATIOS[name](logp, old_logp, mask, entropy, cfg) -> log_ratio [N, T]` (cfg: the
+`rl.trace` section, read by `trace` only) fed to `clipped_objective`; the covariance losses replace the
+clipped objective and take (logp, old_logp, ...) explicitly. All functions take [N, T] arrays.
+
+Aggregation returns (numerator, denominator) with a denominator that does not depend on the parameters,
+so gradient accumulation over micro-batches is exact: accumulate gradients of numerators and the
+denominators, divide once (peers that normalised per micro-batch silently re-weighted tokens, verl #5625).
 """
 
 from __future__ import annotations
@@ -164,9 +166,10 @@ def kl_cov(logp, old_logp, adv, mask, ratio, beta):
 
     Every token: -A_t r_t, r_t = exp(logp_t - old_logp_t), no clipping (as in verl). The
     max(1, floor(ratio n)) mask tokens of largest Cov_t (`covariance`; ties: earlier in row-major order;
-    verl keeps at least one) add beta |logp_t - old_logp_t|, whose gradient sign(logp_t - old_logp_t) is 0
-    on-policy (ratio 1): the penalty acts once the policy moved from the sampler's. Defaults: ratio 2e-4, beta 1 (the paper's
-    docs; verl's dataclass default is 0.1) (`rl.credit.kl_cov_ratio`, `kl_cov_beta`).
+    verl keeps at least one) add beta |logp_t - old_logp_t|, whose gradient sign(logp_t - old_logp_t) is
+    0 on-policy (ratio 1): the penalty acts once the policy moved from the sampler's. Defaults: ratio
+    2e-4, beta 1 (the paper's docs; verl's dataclass default is 0.1) (`rl.credit.kl_cov_ratio`,
+    `kl_cov_beta`).
     logp, old_logp, adv [N, T], mask [N, T] bool -> (loss [N, T], penalised [N, T] bool).
     """
     log_ratio = logp - old_logp
