@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.credit.alpha = 0.4  # entropy_adv
     c.rl.credit.kappa = 2.0  # entropy_adv
     c.rl.credit.d3s_max_drop = 1.0  # d3s: fraction of tokens dropped at r = 1 (ratios not published)
+    c.rl.credit.d3s_scope = "response"  # d3s: rank |A| H per response or over the whole batch
     c.rl.credit.empg_k = 1.0  # empg: g = exp(-k Hn) / mean (paper)
     c.rl.credit.empg_k_f = 1.0  # empg: future-clarity bonus exp(-k_f Hn_{t+1}) (paper)
     c.rl.credit.empg_zeta = 0.1  # empg: bonus weight (paper)
@@ -188,6 +189,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check("rl.schedule.max_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
     check("rl.schedule.initial_magnitude", lambda v: 0 <= v <= 1, "in [0, 1]")
     check("rl.credit.d3s_max_drop", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check("rl.credit.d3s_scope", lambda v: v in ("response", "batch"), "'response' or 'batch'")
     for f in ("rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta", "rl.credit.kl_cov_beta"):
         check(f, lambda v: v >= 0, ">= 0")
     check("rl.credit.clip_cov_ratio", lambda v: 0 < v <= 1, "in (0, 1]")

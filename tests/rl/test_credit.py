@@ -10,7 +10,8 @@ from ml_collections import ConfigDict
 
 from tsched.rl import credit
 
-CFG = ConfigDict(dict(alpha=0.4, kappa=2.0, d3s_max_drop=0.7, empg_k=1.0, empg_k_f=1.0, empg_zeta=0.1))
+CFG = ConfigDict(dict(alpha=0.4, kappa=2.0, d3s_max_drop=0.7, d3s_scope="response", empg_k=1.0, empg_k_f=1.0,
+                      empg_zeta=0.1))
 STRATEGIES = ["uniform", "tp", "forking", "entropy_adv", "off_policy", "forking_batch", "d3s", "empg"]
 F32 = np.float32
 
@@ -55,10 +56,12 @@ def ref(strategy, r, adv, mask, ent):
             sel[i, :L] = True
             for t in range(L):
                 tadv[i, t] = adv[i] + r * min(CFG.alpha * ent[i, t], abs(adv[i]) / CFG.kappa)
-    if strategy == "forking_batch":
+    if strategy in ("forking_batch", "d3s_batch"):
         tokens = [(i, t) for i in range(N) for t in range(T) if mask[i, t]]  # row-major order
-        k = min(max(int(np.ceil(F32(1.0 - r) * F32(len(tokens)))), 0), len(tokens))
-        for i, t in sorted(tokens, key=lambda it: -ent[it])[:k]:  # stable sort: ties stay row-major
+        frac = F32(1.0 - r) if strategy == "forking_batch" else F32(1) - F32(CFG.d3s_max_drop) * r
+        score = (lambda i, t: ent[i, t]) if strategy == "forking_batch" else (lambda i, t: abs(adv[i]) * ent[i, t])
+        k = min(max(int(np.ceil(frac * F32(len(tokens)))), 0), len(tokens))
+        for i, t in sorted(tokens, key=lambda it: -score(*it))[:k]:  # stable sort: ties stay row-major
             sel[i, t] = True
         tadv = adv[:, None] * sel
     if strategy == "empg":
@@ -168,6 +171,19 @@ def test_selection_with_many_ties_takes_earliest_first(strategy, seed):
         want_sel, want_adv = ref(strategy, r, adv, mask, ent)
         np.testing.assert_array_equal(np.asarray(sel), want_sel)
         np.testing.assert_allclose(np.asarray(tadv), want_adv, rtol=1e-6)
+
+
+@pytest.mark.parametrize("r", [0.0, 0.3, 0.8, 1.0])
+def test_d3s_batch_scope_against_reference(r):
+    adv, mask, ent = make_batch(int(r * 10) + 20)
+    cfg = ConfigDict({**CFG.to_dict(), "d3s_scope": "batch"})
+    sel, tadv = credit.allocate("d3s", jnp.float32(r), adv, mask, ent, cfg)
+    want_sel, want_adv = ref("d3s_batch", r, adv, mask, ent)
+    np.testing.assert_array_equal(np.asarray(sel), want_sel)
+    np.testing.assert_allclose(np.asarray(tadv), want_adv, rtol=1e-6)
+    positive = mask & (np.abs(adv)[:, None] * ent > 0)
+    if np.asarray(sel)[3].any():  # the zero-advantage row only gets tokens once every positive score is in
+        assert np.asarray(sel)[positive].all()
 
 
 def test_forking_batch_threshold_is_batch_level():

@@ -11,7 +11,8 @@ those of the sampling policy and carry no gradient. `cfg` is the `rl.credit` con
     forking        per response the ceil((1 - r) n) highest-entropy valid tokens (ties: earlier token first)
     forking_batch  the ceil((1 - r) n_batch) highest-entropy valid tokens of the whole batch (80/20 paper,
                    2506.01939: batch-level threshold; ties: earlier in row-major order); static baseline r = 0.8
-    d3s            per response the ceil((1 - rho r) n) tokens of largest |A| H (D3S token level, 2509.22115)
+    d3s            per response (or batch: d3s_scope) the ceil((1 - rho r) n) tokens of largest |A| H (D3S
+                   token level, 2509.22115; rho = d3s_max_drop)
     entropy_adv    A' = A + r min(alpha sg(H), |A| / kappa) on every valid token (Cheng et al. 2506.14758)
     empg           A_r = A + r (A' - A), A' = g(H_t) A + zeta exp(-k_f Hn_{t+1}) (EMPG, 2509.09265, per token)
     off_policy     the schedule acts on the prompt (a reference-solution prefix, see tsched.data), so the
@@ -76,6 +77,14 @@ def _keep(fraction, n):
     return jnp.clip(jnp.ceil(fraction * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
 
 
+def _batch_top(score, mask, fraction):
+    """The ceil(fraction * n) highest scores among the n valid tokens of the batch (ties: earlier in
+    row-major order) -> [N, T] bool."""
+    N, T = mask.shape
+    flat_mask = mask.reshape(1, N * T)
+    return top_k_mask(score.reshape(1, N * T), flat_mask, _keep(fraction, _lengths(flat_mask))).reshape(N, T)
+
+
 @register("forking")
 def forking(r, adv, mask, entropies, cfg):
     selected = top_k_mask(entropies, mask, _keep(1.0 - r, _lengths(mask)))
@@ -91,9 +100,7 @@ def forking_batch(r, adv, mask, entropies, cfg):
     them. The paper's static setting (top 20% of the batch) is r = 0.8 with `rl.schedule.mode=constant`;
     scheduled, r -> 0 widens to every valid token (GRPO). Under micro-batching the batch is the micro-batch.
     """
-    N, T = mask.shape
-    flat_mask = mask.reshape(1, N * T)
-    selected = top_k_mask(entropies.reshape(1, N * T), flat_mask, _keep(1.0 - r, _lengths(flat_mask))).reshape(N, T)
+    selected = _batch_top(entropies, mask, 1.0 - r)
     return selected, adv[:, None] * selected
 
 
@@ -106,10 +113,16 @@ def d3s(r, adv, mask, entropies, cfg):
     token at r = 0 (GRPO). Ties, including all-zero scores of A = 0 responses, take the earlier token. The
     paper's exact down-sampling ratios are not published in what we could read, hence the parameter.
     With tsched's response-level advantages |A_t| is constant within a response, so for A != 0 the
-    ranking is the entropy ranking of that response; |A| matters once advantages are per token.
+    per-response ranking is that response's entropy ranking (`forking` with r'); `d3s_scope="batch"`
+    ranks all valid tokens of the batch together (ties: earlier in row-major order), where |A| decides
+    which responses keep tokens and zero-advantage responses keep none while others have tokens left.
     """
     score = jnp.abs(adv)[:, None] * jax.lax.stop_gradient(entropies)
-    selected = top_k_mask(score, mask, _keep(1.0 - cfg.d3s_max_drop * r, _lengths(mask)))
+    fraction = 1.0 - cfg.d3s_max_drop * r
+    if cfg.d3s_scope == "batch":
+        selected = _batch_top(score, mask, fraction)
+    else:
+        selected = top_k_mask(score, mask, _keep(fraction, _lengths(mask)))
     return selected, adv[:, None] * selected
 
 
