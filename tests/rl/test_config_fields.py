@@ -24,7 +24,8 @@ def test_new_losses_are_allowed(loss):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("rl.credit.d3s_max_drop", 1.5), ("rl.credit.d3s_scope", "group"), ("rl.credit.empg_k", -1.0), ("rl.credit.empg_zeta", -0.1),
+    ("rl.credit.d3s_max_drop", 1.5), ("rl.credit.d3s_scope", "group"), ("rl.credit.empg_k", -1.0),
+    ("rl.credit.empg_zeta", -0.1),
     ("rl.credit.clip_cov_ratio", 0.0), ("rl.credit.kl_cov_ratio", 2.0), ("rl.credit.kl_cov_beta", -1.0),
     ("rl.credit.clip_cov_ub", 0.5), ("rl.trace.lam", 1.1), ("rl.trace.entropy_top", 0.0),
 ])

@@ -72,22 +72,26 @@ def top_k_mask(score, mask, keep):
     return mask & (keep[:, None] > 0) & (above | (ties & (jnp.cumsum(ties, axis=-1) <= room)))
 
 
-def _keep(fraction, n):
+def batch_top_k_mask(score, mask, keep):
+    """score [N, T], mask [N, T] bool, keep int scalar -> [N, T] bool: the `keep` valid tokens of highest
+    score in the whole batch; of equal scores the earliest in row-major order first."""
+    N, T = mask.shape
+    return top_k_mask(score.reshape(1, N * T), mask.reshape(1, N * T), jnp.reshape(keep, (1,))).reshape(N, T)
+
+
+def keep_count(fraction, n):
     """ceil(fraction * n) clipped to [0, n], in float32 as the loss computes it."""
     return jnp.clip(jnp.ceil(fraction * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
 
 
 def _batch_top(score, mask, fraction):
-    """The ceil(fraction * n) highest scores among the n valid tokens of the batch (ties: earlier in
-    row-major order) -> [N, T] bool."""
-    N, T = mask.shape
-    flat_mask = mask.reshape(1, N * T)
-    return top_k_mask(score.reshape(1, N * T), flat_mask, _keep(fraction, _lengths(flat_mask))).reshape(N, T)
+    """The ceil(fraction * n) highest scores among the n valid tokens of the batch -> [N, T] bool."""
+    return batch_top_k_mask(score, mask, keep_count(fraction, jnp.sum(mask).astype(jnp.int32)))
 
 
 @register("forking")
 def forking(r, adv, mask, entropies, cfg):
-    selected = top_k_mask(entropies, mask, _keep(1.0 - r, _lengths(mask)))
+    selected = top_k_mask(entropies, mask, keep_count(1.0 - r, _lengths(mask)))
     return selected, adv[:, None] * selected
 
 
@@ -122,7 +126,7 @@ def d3s(r, adv, mask, entropies, cfg):
     if cfg.d3s_scope == "batch":
         selected = _batch_top(score, mask, fraction)
     else:
-        selected = top_k_mask(score, mask, _keep(fraction, _lengths(mask)))
+        selected = top_k_mask(score, mask, keep_count(fraction, _lengths(mask)))
     return selected, adv[:, None] * selected
 
 

@@ -107,8 +107,7 @@ def trace_log_ratio(logp, old_logp, mask, entropy, cfg):
     cfg: the `rl.trace` section (lam, entropy_top); logp, old_logp, entropy [N, T], mask [N, T] bool.
     """
     d = jax.lax.stop_gradient(logp - old_logp)
-    n = jnp.sum(mask, -1).astype(jnp.int32)
-    keep = jnp.clip(jnp.ceil(cfg.entropy_top * n.astype(jnp.float32)).astype(jnp.int32), 0, n)
+    keep = credit.keep_count(cfg.entropy_top, jnp.sum(mask, -1).astype(jnp.int32))
     sel = credit.top_k_mask(jax.lax.stop_gradient(entropy), mask, keep)
     mean, weight = decayed_mean(d, sel, cfg.lam)
     log_w = jnp.where(weight > 0, mean, d)
@@ -129,15 +128,10 @@ def covariance(adv, logp, mask):
     return (a - jnp.sum(a * m) / n) * (lp - jnp.sum(lp * m) / n) * m
 
 
-def _flat_top(score, mask, keep):
-    """The `keep` highest scores of the whole batch (ties: earlier in row-major order) -> [N, T] bool."""
-    N, T = mask.shape
-    return credit.top_k_mask(score.reshape(1, N * T), mask.reshape(1, N * T), keep[None]).reshape(N, T)
-
-
-def _count(ratio, n):
-    """max(1, floor(ratio * n)) for n > 0, else 0 (float32 product, as the loss computes it)."""
-    return jnp.where(n > 0, jnp.maximum(jnp.floor(ratio * n.astype(jnp.float32)).astype(jnp.int32), 1), 0)
+def _count(ratio, mask):
+    """max(1, floor(ratio n)) for the n > 0 mask tokens, else 0 (float32 product, as the loss computes it)."""
+    n = jnp.sum(mask).astype(jnp.float32)
+    return jnp.where(n > 0, jnp.maximum(jnp.floor(ratio * n).astype(jnp.int32), 1), 0)
 
 
 def clip_cov(logp, old_logp, adv, mask, key, clip_low, clip_high, dual_clip, ratio, lb, ub):
@@ -157,7 +151,7 @@ def clip_cov(logp, old_logp, adv, mask, key, clip_low, clip_high, dual_clip, rat
     candidates = mask & ~clipped & (cov > lb) & (cov < ub)
     # Independent uniform priorities: the top-k of them is a uniformly random k-subset of the candidates.
     priority = jax.random.uniform(key, mask.shape)
-    detached = _flat_top(priority, candidates, _count(ratio, jnp.sum(mask).astype(jnp.int32)))
+    detached = credit.batch_top_k_mask(priority, candidates, _count(ratio, mask))
     return jnp.where(detached, 0.0, loss), clipped, detached
 
 
@@ -174,7 +168,7 @@ def kl_cov(logp, old_logp, adv, mask, ratio, beta):
     """
     log_ratio = logp - old_logp
     ratio_t = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    penalised = _flat_top(covariance(adv, logp, mask), mask, _count(ratio, jnp.sum(mask).astype(jnp.int32)))
+    penalised = credit.batch_top_k_mask(covariance(adv, logp, mask), mask, _count(ratio, mask))
     # |x| written as x sg(sign x): the derivative of jnp.abs at 0 is 1, the subgradient sign(0) = 0 is
     # what the reference (torch.abs) uses, and on-policy every log-ratio is exactly 0.
     abs_log_ratio = log_ratio * jax.lax.stop_gradient(jnp.sign(log_ratio))

@@ -1,7 +1,8 @@
 """The scheduled RL objective from per-token quantities: credit criterion, clipped loss, KL, aggregation.
 
 This is where the paper's idea composes: the schedule magnitude r (a traced scalar) goes into the credit
-criterion, which picks tokens and shapes advantages; PPO-clip or GSPO gives the token loss; an optional
+criterion, which picks tokens and shapes advantages; the `rl.loss` token loss (PPO-clip on the token, GSPO
+or trace ratio, or the covariance losses Clip-Cov / KL-Cov, `tsched.rl.losses`) follows; an optional
 KL penalty and entropy bonus are added; the aggregation returns (numerator, denominator) so gradient
 accumulation stays exact. Pure and jittable; the model forward lives in tsched.train.learner.
 """
