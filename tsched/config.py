@@ -109,6 +109,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.credit.normalizer = "selected_tokens"
     c.rl.credit.alpha = 0.4  # entropy_adv
     c.rl.credit.kappa = 2.0  # entropy_adv
+    c.rl.credit.d3s_max_drop = 1.0  # d3s: fraction of tokens dropped at r = 1 (ratios not published)
+    c.rl.credit.d3s_scope = "response"  # d3s: rank |A| H per response or over the whole batch
+    c.rl.credit.empg_k = 1.0  # empg: g = exp(-k Hn) / mean (paper)
+    c.rl.credit.empg_k_f = 1.0  # empg: future-clarity bonus exp(-k_f Hn_{t+1}) (paper)
+    c.rl.credit.empg_zeta = 0.1  # empg: bonus weight (paper)
+    c.rl.credit.clip_cov_ratio = 2e-4  # rl.loss=clip_cov: fraction of tokens detached (paper, verl)
+    c.rl.credit.clip_cov_lb = 1.0  # clip_cov: covariance band (lb, ub) of the candidates (verl)
+    c.rl.credit.clip_cov_ub = 5.0
+    c.rl.credit.kl_cov_ratio = 2e-4  # rl.loss=kl_cov: fraction of top-covariance tokens penalised (paper, verl)
+    c.rl.credit.kl_cov_beta = 1.0  # kl_cov: |log ratio| coefficient (paper; verl's dataclass default 0.1)
+
+    c.rl.trace = ml_collections.ConfigDict()  # rl.loss=trace (P-trace / S-trace, tsched's formalisation)
+    c.rl.trace.lam = 0.9  # trace decay per trace token: 0 = token PPO, 1 = prefix mean (GSPO-like); ours
+    c.rl.trace.entropy_top = 1.0  # top-entropy fraction per response carrying the trace: 1 = P-trace, < 1 = S-trace
 
     c.rl.schedule = ml_collections.ConfigDict()
     c.rl.schedule.mode = "linear"
@@ -160,12 +174,13 @@ def _registries() -> dict:
     return {
         "model.dtype": COMPUTE_DTYPES,
         "rl.advantage": advantages.ESTIMATORS,
-        "rl.loss": losses.LOG_RATIOS,
+        "rl.loss": losses.TOKEN_LOSSES,
         "rl.aggregation": losses.AGGREGATIONS,
         "rl.kl_estimator": losses.KL_ESTIMATORS,
         "rl.prompt_transform": rollout.PROMPT_TRANSFORMS,
         "rl.credit.strategy": credit.CRITERIA,
         "rl.credit.normalizer": objective.NORMALIZERS,
+        "rl.credit.d3s_scope": credit.D3S_SCOPES,
         "rl.schedule.mode": schedules.PROFILES,
         "model.preset": ["", *presets.PRESETS],
         "data.families": tasks.FAMILIES,
@@ -199,8 +214,13 @@ _RANGES = {
                               "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every")},
     **{f: _non_negative for f in ("sft.steps", "sft.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
-                                  "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature")},
-    **{f: _fraction for f in ("rl.schedule.initial_magnitude", "rl.schedule.min_ratio", "rl.schedule.max_ratio")},
+                                  "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
+                                  "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
+                                  "rl.credit.kl_cov_beta")},
+    **{f: _fraction for f in ("rl.schedule.initial_magnitude", "rl.schedule.min_ratio", "rl.schedule.max_ratio",
+                              "rl.credit.d3s_max_drop", "rl.trace.lam")},
+    **{f: (lambda v: 0 < v <= 1, "must be in (0, 1]") for f in ("rl.credit.clip_cov_ratio", "rl.credit.kl_cov_ratio",
+                                                                 "rl.trace.entropy_top")},
     "rl.group_size": (lambda v: v >= 2, "must be >= 2 (group advantages need at least two samples)"),
     "rl.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "rl.clip_low": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -232,6 +252,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _fail("data.max_difficulty", cfg.data.max_difficulty, f">= data.min_difficulty ({cfg.data.min_difficulty})")
     if cfg.eval.num_problems > cfg.data.eval_size:
         _fail("eval.num_problems", cfg.eval.num_problems, f"must be <= data.eval_size ({cfg.data.eval_size})")
+    if rl.credit.clip_cov_ub <= rl.credit.clip_cov_lb:
+        _fail("rl.credit.clip_cov_ub", rl.credit.clip_cov_ub, f"must be > rl.credit.clip_cov_lb ({rl.credit.clip_cov_lb})")
     if not m.preset and m.n_heads % m.n_kv_heads:
         _fail("model.n_heads", m.n_heads, f"must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
     if cfg.tokenizer.model_path and not os.path.isfile(cfg.tokenizer.model_path):

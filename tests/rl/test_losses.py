@@ -54,13 +54,13 @@ def test_gspo_value_and_gradient():
     rng = np.random.default_rng(1)
     logp, old = (rng.normal(size=(2, 4, 7)) * 0.1).astype(np.float32)
     mask = np.arange(7)[None] < np.array([7, 3, 1, 0])[:, None]
-    lr = np.asarray(losses.gspo_log_ratio(logp, old, mask))
+    lr = np.asarray(losses.gspo_log_ratio(logp, old, mask, None, None))
     for i in range(4):
         n = mask[i].sum()
         want = (logp[i] - old[i])[mask[i]].sum() / max(n, 1)
         np.testing.assert_allclose(lr[i], want, rtol=1e-5, atol=1e-6)
     w = rng.normal(size=(4, 7)).astype(np.float32)
-    g = jax.grad(lambda lp: jnp.sum(losses.gspo_log_ratio(lp, old, mask) * w))(logp)
+    g = jax.grad(lambda lp: jnp.sum(losses.gspo_log_ratio(lp, old, mask, None, None) * w))(logp)
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6)
 
 

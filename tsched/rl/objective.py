@@ -1,7 +1,8 @@
 """The scheduled RL objective from per-token quantities: credit criterion, clipped loss, KL, aggregation.
 
 This is where the paper's idea composes: the schedule magnitude r (a traced scalar) goes into the credit
-criterion, which picks tokens and shapes advantages; PPO-clip or GSPO gives the token loss; an optional
+criterion, which picks tokens and shapes advantages; the `rl.loss` token loss (PPO-clip on the token, GSPO
+or trace ratio, or the covariance losses Clip-Cov / KL-Cov, `tsched.rl.losses`) follows; an optional
 KL penalty and entropy bonus are added; the aggregation returns (numerator, denominator) so gradient
 accumulation stays exact. Pure and jittable; the model forward lives in tsched.train.learner.
 """
@@ -46,7 +47,7 @@ def stage_masks(mask):
     return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
 
 
-def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, sample_logp=None):
+def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, key=None, sample_logp=None):
     """-> (numerator, denominator, metric sums {name: (sum, count)}).
 
     rl: the `config.rl` section; r: schedule magnitude; logp, entropy [N, T] (with gradient);
@@ -56,14 +57,14 @@ def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, s
     (ratio 1 in value) and no separate scoring pass is needed. That shortcut is right only while the
     sampler and the learner agree on every token's log-prob (same temperature, same positions):
     sample_logp [N, T], the sampler's own log-probs, feeds the `logp_mismatch` metric that checks it.
+    key: a PRNG key, for token losses that draw at random (`clip_cov`).
     """
     ccfg = rl.credit
     old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
     ent = jax.lax.stop_gradient(entropy)
     loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, ent, ccfg)
     norm_mask = NORMALIZERS[ccfg.normalizer](loss_mask, mask)
-    log_ratio = losses.LOG_RATIOS[rl.loss](logp, old_logp, loss_mask)
-    per_token, clipped = losses.clipped_objective(log_ratio, token_adv, rl.clip_low, rl.clip_high, rl.dual_clip)
+    per_token, clipped, loss_sums = losses.TOKEN_LOSSES[rl.loss](logp, old_logp, token_adv, loss_mask, ent, rl, key)
 
     f32 = lambda x: x.astype(jnp.float32)
     frac, stages = stage_masks(mask)
@@ -72,6 +73,7 @@ def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, s
         "entropy": (jnp.sum(ent * mask), jnp.sum(f32(mask))),
         "clip_frac": (jnp.sum(f32(clipped & loss_mask)), jnp.sum(f32(loss_mask))),
         **{f"entropy_{k}": (jnp.sum(ent * m), jnp.sum(f32(m))) for k, m in stages.items()},
+        **loss_sums,
     }
     if sample_logp is not None:
         gap = jnp.abs(jax.lax.stop_gradient(logp) - sample_logp)

@@ -39,6 +39,13 @@ def init_state(params, tx, rng=None) -> dict:
     return state
 
 
+def step_keys(rng_data, step):
+    """(sampling key, loss key) of a step: both functions of the state's RNG and the step counter, so a
+    resumed run draws the same numbers."""
+    sample_key, loss_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng_data), step))
+    return sample_key, loss_key
+
+
 def join(prompts, prompt_lens, completions, lengths):
     """-> tokens [N, P+T], valid [N, P+T], response_mask [N, T], with prompts repeated to N rows."""
     G = completions.shape[0] // prompts.shape[0]
@@ -78,11 +85,13 @@ def make_sft_step(model_cfg, tx):
     return sft_step
 
 
-def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int, sample_logp=None):
+def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int, sample_logp=None,
+                    key=None):
     """Loss, gradient and metric sums of the scheduled objective, accumulated over `rl.micro_batches`.
 
     tokens, valid [N, P+T], mask [N, T], adv [N]; r the schedule magnitude; sample_logp [N, T] the
-    sampler's log-probs (for the mismatch metric) or None. Returns (loss, grads, sums) with loss and
+    sampler's log-probs (for the mismatch metric) or None; key a PRNG key for losses that draw at
+    random (folded with the micro-batch index). Returns (loss, grads, sums) with loss and
     grads normalised by the denominator summed over all micro-batches, so the result equals one pass
     over the whole batch for every aggregation mode.
     """
@@ -92,7 +101,8 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, a
         logp, entropy = token_stats(model_cfg, params, mb["tokens"], mb["valid"], P, rl.temperature)
         ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, mb["tokens"], mb["valid"], P,
                                                                rl.temperature)[0]
-        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
+        mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp, key=mb_key,
                                                sample_logp=mb.get("sample_logp"))
         return num, (den, sums)
 
@@ -100,7 +110,7 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, a
     mbs = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
     if sample_logp is not None:
         mbs["sample_logp"] = sample_logp
-    mbs = jax.tree.map(split, mbs)
+    mbs = {**jax.tree.map(split, mbs), "index": jnp.arange(M)}
 
     def body(carry, mb):
         (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
@@ -127,11 +137,13 @@ def make_rl_step(cfg, model_cfg, tx):
     @functools.partial(jax.jit, donate_argnums=0)
     def rl_step(state, ref_params, batch):
         prompts, lengths, rewards = batch["prompts"], batch["lengths"], batch["rewards"]
-        r = schedules.magnitude(state["step"] + 1, rl.schedule)
+        step = state["step"] + 1
+        r = schedules.magnitude(step, rl.schedule)
         adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
         tokens, valid, mask = join(prompts, batch["prompt_lens"], batch["completions"], lengths)
         loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, tokens, valid, mask, adv,
-                                            prompts.shape[1], batch.get("sample_logp"))
+                                            prompts.shape[1], batch.get("sample_logp"),
+                                            step_keys(state["rng"], step)[1] if "rng" in state else None)
         new_state = _apply(tx, state, grads)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         if "kl_bins" in metrics:

@@ -180,8 +180,8 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
     bar = tqdm(total=rl.steps, initial=step - 1, desc="RL", disable=not cfg.train.progress, dynamic_ncols=True)
     while step <= rl.steps:
         r = float(schedules.magnitude(step, rl.schedule))
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        ro = rollout.generate(model_cfg, scfg, state["params"], next(it), step_key, tok, pool, rl.prompt_transform, r)
+        sample_key, _ = learner.step_keys(state["rng"], step)
+        ro = rollout.generate(model_cfg, scfg, state["params"], next(it), sample_key, tok, pool, rl.prompt_transform, r)
         t0 = time.perf_counter()
         state, m = rl_step(state, ref_params, ro.learner_batch())
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
