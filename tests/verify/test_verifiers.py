@@ -63,7 +63,7 @@ def test_extract_choice_needs_a_standalone_letter(text, want):
 
 
 @pytest.mark.parametrize("s,want", [
-    ("1,234,567", 1234567), ("1,000", 1000), ("-1,000.5", "-2001/2"), ("1{,}000", 1000), ("1\\,000", 1000),
+    ("1,234,567", 1234567), ("1,000", 1000), ("-1,000.5", "-2001/2"), ("1{,}000", 1000), ("1\\,000", 1000), ("10,\\!080", 10080),
     ("12", 12), (" 0.5 ", "1/2"), ("1 / 2", "1/2"), (".25", "1/4"),
     ("12,34", None), ("2, 5", None), ("1,2345", None), ("1,234,56", None), ("1 000", None), ("1,000\\,000", None),
     ("1/0", None), ("9" * 65, None), ("x", None), ("", None),
@@ -123,6 +123,9 @@ MATH_CASES = {
     "millions": (r"\boxed{1,234,567}", "1234567", 1.0),
     "latex thin space grouping": (r"\boxed{1\,000}", "1000", 1.0),
     "latex brace grouping": (r"\boxed{1{,}000}", "1000", 1.0),
+    "MATH kerned grouping in gold": (r"\boxed{10080}", r"10,\!080", 1.0),
+    "MATH kerned grouping in answer": (r"\boxed{1,\!000,\!000}", "1000000", 1.0),
+    "kerned grouping, wrong value": (r"\boxed{10,\!081}", r"10,\!080", 0.0),
     "spaces do not group": (r"\boxed{1 000}", "1000", 0.0),
     "spaced digits are not a sum": (r"\boxed{7}", "2 5", 0.0),
     "grouped equation": (r"\boxed{x = 1,000}", "1000", 1.0),
@@ -140,6 +143,10 @@ MATH_CASES = {
     "percent vs fraction": (r"\boxed{50\%}", "0.5", 1.0),
     "percent vs number": (r"\boxed{50\%}", "50", 1.0),
     "wrong percent": (r"\boxed{40\%}", "50", 0.0),
+    "degrees": (r"\boxed{30^\circ}", "30", 1.0),
+    "dollars": (r"\boxed{\$18.90}", "18.9", 1.0),
+    "text answer": (r"\boxed{\text{Devon}}", "Devon", 1.0),
+    "expanded polynomial": (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
     "trailing period": ("Answer: 42.", "42", 1.0),
     "dollars and period": ("The answer is $\\frac{1}{2}$.", "0.5", 1.0),
     "answer is, lower case": ("so the answer is 9", "9", 1.0),

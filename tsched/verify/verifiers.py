@@ -21,8 +21,9 @@ MAX_ANSWER_CHARS = 200  # an extracted final answer longer than this is not an a
 MAX_NUMBER_DIGITS = 64  # bounds big-int parsing and comparison
 _ANSWER_RE = re.compile(r"Answer:[ \t]*([^\n]*)")
 # Thousands grouping: 1-3 leading digits, then groups of exactly 3, one separator kind throughout
-# (`,`, or LaTeX `{,}` / `\,`). Anything else with a comma (`12,34`, `2, 5`) is not one number.
-_GROUPED = r"\d{1,3}(?:(,|\{,\}|\\,)\d{3})(?:\1\d{3})*"
+# (`,`, or LaTeX `{,}` / `\,` / `,\!` as in the MATH dataset's `10,\!080`). Anything else with a
+# comma (`12,34`, `2, 5`) is not one number.
+_GROUPED = r"\d{1,3}(?:(,\\!|,|\{,\}|\\,)\d{3})(?:\1\d{3})*"
 _NUMBER_RE = re.compile(rf"[+-]?(?:(?:{_GROUPED}|\d+)(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
 _LATEX_GROUPED_RE = re.compile(r"(?<![\d.])\d{1,3}(?:(\{,\}|\\,)\d{3})(?:\1\d{3})*(?!\d)")
 
@@ -39,13 +40,13 @@ def extract_tagged(text: str) -> str | None:
 def parse_number(s: str) -> Fraction | None:
     """Integer, decimal or a/b fraction; None otherwise (a list like `2, 5` or `12,34` included).
 
-    Thousands separators count only in valid groupings (`1,234,567`, LaTeX `1{,}000` / `1\\,000`);
-    spaces never group digits (`1 000` is not a number here).
+    Thousands separators count only in valid groupings (`1,234,567`, LaTeX `1{,}000` / `1\\,000` /
+    `1,\\!000`); spaces never group digits (`1 000` is not a number here).
     """
     s = s.strip()
     if not _NUMBER_RE.fullmatch(s):
         return None
-    s = re.sub(r"\{,\}|\\,|,|\s", "", s)
+    s = re.sub(r",\\!|\{,\}|\\,|,|\s", "", s)
     if sum(c.isdigit() for c in s) > MAX_NUMBER_DIGITS or re.search(r"/0+$", s):
         return None
     return Fraction(s)
@@ -121,6 +122,7 @@ def split_list(s: str) -> list[str]:
     math-verify), nor LaTeX `\\,`. A tight comma run forming a valid thousands grouping is one number
     (`1,234,567` -> '1234567', `x=1,000` -> 'x=1000'); any other (`12,34`, `2,5`) is a list.
     """
+    s = re.sub(r"(?<=\d),\\!(?=\d)", ",", s)  # MATH's `10,\!080`: the `\!` only kerns the comma
     pieces, depth, start = [], 0, 0
     for i, ch in enumerate(s):
         if ch in "([{":
