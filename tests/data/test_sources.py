@@ -141,6 +141,8 @@ def test_named_sets_and_spec_errors(tmp_path):
         sources.open_sets("jsonl", f"{tmp_path}/a1.jsonl;{tmp_path}/b.jsonl")
     with pytest.raises(ValueError, match="data.source.*jsonl"):
         sources.open_source("csv", f"{tmp_path}/a1.jsonl")
+    with pytest.raises(ValueError, match="data.verifier.*math"):
+        sources.open_source("jsonl", f"{tmp_path}/a1.jsonl", default_verifier="maths")
     with pytest.raises(ValueError, match="empty"):
         sources.parse_spec(" ; ")
 

@@ -39,6 +39,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from tsched.registry import make_registry
+from tsched.verify.verifiers import VERIFIERS
 
 RECORD_KEYS = ("problem", "answer", "solution", "verifier", "family", "difficulty")
 # name -> read(pattern, data_dir) -> iterator of (label, family, rows); rows: (where, dict | ValueError)
@@ -100,6 +101,8 @@ def open_sets(reader: str, spec: str, *, fields: Fields = Fields(), skip_bad_rec
     unnamed set is keyed `default_name`."""
     if reader not in READERS:
         raise ValueError(f"config field 'data.source' = {reader!r}: allowed values are {sorted(READERS)}")
+    if default_verifier not in VERIFIERS:
+        raise ValueError(f"config field 'data.verifier' = {default_verifier!r}: allowed values are {sorted(VERIFIERS)}")
     sets = parse_spec(spec)
     names = [name or default_name for name, _ in sets]
     if len(set(names)) != len(names):
@@ -134,7 +137,8 @@ def _open(reader: str, name: str, patterns: list[str], fields: Fields, skip_bad_
                         raise ValueError(msg + " (data.skip_bad_records=True drops such records)") from None
                     skipped, first_skip = skipped + 1, first_skip or msg
     if not records:
-        raise ValueError(f"no usable records in {patterns} ({skipped} bad)" + (f"; first: {first_skip}" if skipped else ""))
+        raise ValueError(f"no usable records in {patterns} ({skipped} bad)"
+                         + (f"; first: {first_skip}" if skipped else ""))
     return Source(records, skipped, first_skip, tuple(files))
 
 
@@ -143,8 +147,6 @@ def _open(reader: str, name: str, patterns: list[str], fields: Fields, skip_bad_
 
 def make_record(raw: Mapping, fields: Fields, family: str, default_verifier: str = "math") -> dict:
     """One raw record -> the task-record dict (module docstring); ValueError naming the field if bad."""
-    from tsched.verify.verifiers import VERIFIERS  # light (re, fractions); keeps this module's import cheap
-
     problem = _text(raw, "problem", fields.problem)
     if problem is None or not problem.strip():
         raise ValueError(f"field 'problem' ({fields.problem!r}): {'empty' if problem is not None else 'missing'}")
@@ -153,7 +155,8 @@ def make_record(raw: Mapping, fields: Fields, family: str, default_verifier: str
     if verifier not in VERIFIERS:
         raise ValueError(f"field 'verifier' ({fields.verifier!r}): {verifier!r} is not one of {sorted(VERIFIERS)}")
     difficulty = _get(raw, fields.difficulty)
-    if difficulty is not None and (not isinstance(difficulty, numbers.Integral) or isinstance(difficulty, (bool, np.bool_))):
+    if difficulty is not None and (not isinstance(difficulty, numbers.Integral)
+                                   or isinstance(difficulty, (bool, np.bool_))):
         raise ValueError(f"field 'difficulty' ({fields.difficulty!r}): expected an integer, got {difficulty!r}")
     return {"problem": problem, "answer": answer, "solution": _text(raw, "solution", fields.solution) or "",
             "verifier": verifier, "family": _text(raw, "family", fields.family) or family,
