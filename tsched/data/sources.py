@@ -146,7 +146,8 @@ def _open(reader: str, name: str, patterns: list[str], fields: Fields, skip_bad_
 
 
 def make_record(raw: Mapping, fields: Fields, family: str, default_verifier: str = "math") -> dict:
-    """One raw record -> the task-record dict (module docstring); ValueError naming the field if bad."""
+    """One raw record -> the task-record dict (module docstring); ValueError naming the field if bad.
+    A verifier name must be registered in this process (import verifier plugin modules first)."""
     problem = _text(raw, "problem", fields.problem)
     if problem is None or not problem.strip():
         raise ValueError(f"field 'problem' ({fields.problem!r}): {'empty' if problem is not None else 'missing'}")
