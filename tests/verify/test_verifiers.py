@@ -57,6 +57,7 @@ def test_choice(completion, reward):
     ("Answer: I think it is B", "B"), ("Answer: I think so", None), ("Answer: I", "I"), ("Answer: I.", "I"),
     ("Answer: A or B?", "B"), ("Answer: (C), not (D)", "C"), ("Answer: Bob", None), ("answer is E)", "E"),
     ("Answers vary. (D)", "D"), ("answer: J\n", "J"), ("the answer is K.", None),
+    ("**Answer:** B", "B"), ("**Answer: C**", "C"), ("Answer: $D$", "D"), ("Answer: **I** think", "I"),
 ])
 def test_extract_choice_needs_a_standalone_letter(text, want):
     assert extract_choice(text) == want
@@ -150,6 +151,8 @@ MATH_CASES = {
     "trailing period": ("Answer: 42.", "42", 1.0),
     "dollars and period": ("The answer is $\\frac{1}{2}$.", "0.5", 1.0),
     "answer is, lower case": ("so the answer is 9", "9", 1.0),
+    "markdown bold label": ("**Final Answer:** 42", "42", 1.0),
+    "markdown bold answer": ("Answer: **$\\frac{3}{4}$.**", "0.75", 1.0),
     "no answer": ("I am not sure.", "3", 0.0),
     "empty box": (r"\boxed{}", "3", 0.0),
 }

@@ -94,10 +94,10 @@ def extract_boxed(text: str) -> str | None:
 
 
 def _clean(ans: str) -> str | None:
-    """The answer sentence only (up to `. `), without `$...$` and the trailing period; None if empty
-    or too long."""
+    """The answer sentence only (up to `. `), without `$...$`, `**` and the trailing period; None if
+    empty or too long."""
     ans = re.split(r"\.\s", ans, maxsplit=1)[0]
-    ans = ans.strip().rstrip(".").strip().strip("$").strip().rstrip(".").strip()
+    ans = re.sub(r"^[\s*$]+|[\s*$.]+$", "", ans)  # markdown bold, $...$, the sentence's period
     return ans if ans and len(ans) <= MAX_ANSWER_CHARS else None
 
 
@@ -211,7 +211,7 @@ def check_math_unordered(completion: str, answer: str) -> tuple[float, str]:
 
 # The letter must be the whole answer token: in parentheses / bold / box, or followed by the end of the
 # line or punctuation, never by a word (`Answer: I think it is B` reads B, not the pronoun I).
-_LETTER_RE = re.compile(r"(?<![A-Za-z0-9\\])(?:\(([A-J])\)|\*\*([A-J])\*\*|([A-J])(?=\s*(?:$|[.,;:!?)\n])))")
+_LETTER_RE = re.compile(r"(?<![A-Za-z0-9\\])(?:\(([A-J])\)|\*\*([A-J])\*\*|([A-J])(?=\s*(?:$|[.,;:!?)*$\n])))")
 _CHOICE_BOXED_RE = re.compile(r"\\boxed\{\s*(?:\\text\{\s*)?\(?([A-J])\)?\s*\}?\s*\}")
 _CHOICE_PHRASE_RE = re.compile(r"\banswer(?:\s+is)?(?![a-z])\s*:?([^\n]*)", re.IGNORECASE)
 _PAREN_LETTER_RE = re.compile(r"\(([A-J])\)")
