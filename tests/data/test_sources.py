@@ -1,10 +1,8 @@
 """User problem sets (JSONL, Parquet, TFDS) as sources: records, field mapping, bad records, specs."""
 
 import json
-import os
 
 import grain
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -41,7 +41,6 @@ import numpy as np
 from tsched.registry import make_registry
 from tsched.verify.verifiers import VERIFIERS
 
-RECORD_KEYS = ("problem", "answer", "solution", "verifier", "family", "difficulty")
 # name -> read(pattern, data_dir) -> iterator of (label, family, rows); rows: (where, dict | ValueError)
 READERS, register = make_registry()
 _SET_NAME_RE = re.compile(r"([A-Za-z0-9_.-]+)=(.*)", re.DOTALL)
