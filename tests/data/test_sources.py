@@ -1,6 +1,8 @@
 """User problem sets (JSONL, Parquet, TFDS) as sources: records, field mapping, bad records, specs."""
 
 import json
+import subprocess
+import sys
 
 import grain
 import pyarrow as pa
@@ -116,6 +118,14 @@ def test_tfds_reader_matches_the_builder(tmp_path):
     assert [sets["eval"][i] for i in range(6)] == want
     with pytest.raises(ValueError, match="@split"):
         sources.open_source("tfds", "tsched_tasks", data_dir=str(tmp_path))
+    # a process without the builder's code reads the prepared files alone, with TFDS split slicing
+    code = ("import json, sys; from tsched.data import sources; "
+            f"s = sources.open_source('tfds', 'tsched_tasks/{config.name}:1.0.0@eval[:4]', data_dir=sys.argv[1]); "
+            "print(json.dumps([s[i] for i in range(len(s))]), 'tsched.data.tfds_builder' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    records, builder_imported = out.stdout.rsplit(" ", 1)
+    assert json.loads(records) == [{k: int(v) if k == "difficulty" else v for k, v in r.items()} for r in want[:4]]
+    assert builder_imported.strip() == "False"
 
 
 def test_named_sets_and_spec_errors(tmp_path):
