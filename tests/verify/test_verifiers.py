@@ -104,6 +104,7 @@ MATH_CASES = {
     "set notation any order": (r"\boxed{\{3, 1\}}", r"\{1, 3\}", 1.0),
     "tuple order matters": (r"\boxed{(2, 1)}", "(1, 2)", 0.0),
     "tuple": (r"\boxed{(1,2)}", "(1, 2)", 1.0),
+    "bare list is not a tuple": (r"\boxed{1, 2}", "(1, 2)", 0.0),
     "fraction vs slash": (r"\boxed{1/2}", r"\frac{1}{2}", 1.0),
     "fraction vs decimal": (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
     "dfrac": (r"\boxed{\dfrac{1}{2}}", "0.5", 1.0),
