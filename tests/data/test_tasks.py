@@ -1,5 +1,6 @@
 """Task generators: exact answers (checked independently), determinism, difficulty, disjoint splits."""
 
+import json
 import math
 import re
 
@@ -77,3 +78,30 @@ def test_too_small_task_space_fails_clearly():
 def test_unknown_family_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed"):
         tasks.parse_families("arith,nope")
+
+
+def test_export_round_trips_through_the_jsonl_source(tmp_path):
+    from tsched.data import sources
+
+    tasks.main(["--export", str(tmp_path), "--families", "arith,sort", "--train-size", "30", "--eval-size", "10",
+                "--seed", "2", "--min-difficulty", "2", "--max-difficulty", "3"])
+    train, evals = tasks.make_splits(["arith", "sort"], 2, 3, 30, 10, seed=2)
+    for name, problems in (("train", train), ("eval", evals)):
+        src = sources.open_source("jsonl", str(tmp_path / f"{name}.jsonl"))
+        assert [src[i] for i in range(len(src))] == [
+            {"problem": p.problem, "answer": p.answer, "solution": p.solution, "verifier": p.verifier,
+             "family": p.family, "difficulty": p.difficulty} for p in problems]
+    # the exported solutions still pass their family's verifier
+    rec = sources.open_source("jsonl", str(tmp_path / "eval.jsonl"))[0]
+    assert verifiers.VERIFIERS[rec["verifier"]](rec["solution"], rec["answer"]) == (1.0, "ok")
+
+
+def test_export_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tsched.data.tasks", "--export", str(tmp_path / "x"),
+                          "--train-size", "5", "--eval-size", "2"], capture_output=True, text=True, check=True)
+    assert "wrote 5 train and 2 eval" in out.stdout
+    lines = (tmp_path / "x" / "eval.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and list(json.loads(lines[0])) == list(tasks.EXPORT_KEYS)

@@ -9,7 +9,10 @@ trajectory-percentile schedule is about.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
 from typing import Callable, Iterator
 
 import numpy as np
@@ -134,3 +137,36 @@ def make_splits(families: list[str], min_difficulty: int, max_difficulty: int, t
                          f"(families={families}, difficulty {min_difficulty}..{max_difficulty})")
     return train, evals
 
+
+EXPORT_KEYS = ("problem", "answer", "solution", "verifier", "family", "difficulty")  # tsched.data.sources records
+
+
+def export(out_dir: str, train: list[Problem], evals: list[Problem]) -> None:
+    """Writes `out_dir/train.jsonl` and `out_dir/eval.jsonl`, one JSON object per problem."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, problems in (("train", train), ("eval", evals)):
+        with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            for p in problems:
+                f.write(json.dumps({k: getattr(p, k) for k in EXPORT_KEYS}, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tsched.data.tasks --export DIR [...]`: the built-in suite as JSONL, readable by the
+    `jsonl` source (`data.train_files=DIR/train.jsonl`, `data.eval_files=DIR/eval.jsonl`)."""
+    ap = argparse.ArgumentParser(prog="python -m tsched.data.tasks", description=main.__doc__)
+    ap.add_argument("--export", required=True, metavar="DIR", help="output directory")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated task families")
+    ap.add_argument("--train-size", type=int, default=20000)
+    ap.add_argument("--eval-size", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-difficulty", type=int, default=1)
+    ap.add_argument("--max-difficulty", type=int, default=3)
+    args = ap.parse_args(argv)
+    train, evals = make_splits(parse_families(args.families), args.min_difficulty, args.max_difficulty,
+                               args.train_size, args.eval_size, args.seed)
+    export(args.export, train, evals)
+    print(f"wrote {len(train)} train and {len(evals)} eval problems to {args.export}")
+
+
+if __name__ == "__main__":
+    main()
