@@ -49,6 +49,8 @@ def expand(specs: list[str]) -> list[Run]:
     the full field where two fields share their last component, and characters other than letters,
     digits and `._+-` in values replaced by `_`. Raises ValueError naming the bad `--sweep` value.
     """
+    if not specs:
+        raise ValueError("flag --sweep: give at least one FIELD=V1,V2,...")
     axes = []
     for spec in specs:
         field, sep, values = spec.partition("=")
