@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None, runner=shell, sleep=time.sleep) -> int:
         if extra and args.verb not in ("run", "sweep"):
             raise UsageError(f"unrecognized argument {extra[0]!r}")
         args.tpu = _from_env(args.tpu, "--tpu", "TSCHED_TPU")
+        if "," in args.tpu and args.verb != "sweep":
+            raise UsageError(f"flag --tpu={args.tpu}: one TPU name here (a comma-separated list is for sweep)")
         args.project = _from_env(args.project, "--project", "TSCHED_PROJECT", "CLOUDSDK_CORE_PROJECT")
         args.zone = _from_env(args.zone, "--zone", "TSCHED_ZONE", "CLOUDSDK_COMPUTE_ZONE")
         cmds = VERBS[args.verb](args)

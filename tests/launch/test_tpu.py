@@ -98,6 +98,7 @@ def test_missing_project_zone_or_tpu_is_one_clear_error(missing, env, capsys):
     (["run", *WHERE, "--name=x", "--seed=1"], "--seed=1"),
     (["sweep", *WHERE, "--name=x", "--sweep=seed"], "--sweep"),
     (["status", *WHERE, "--config.seed=1"], "--config.seed=1"),
+    (["run", "--tpu=a,b", "--project=p", "--zone=z", "--name=x"], "--tpu"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
     assert tpu.main([*argv, "--dry-run"], runner=never_run) == 2
