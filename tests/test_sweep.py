@@ -95,7 +95,8 @@ def test_a_failed_run_is_in_the_table_and_the_exit_code_but_the_others_run(tmp_p
     out = capsys.readouterr().out
     assert "seed=1: failed (exit 3)" in out and out.splitlines()[-1] == str(tmp_path / "sweep.md")
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
-    assert [(r["status"], r["wall_time_s"]) for r in rows] == [("done", "1.5"), ("failed (exit 3)", ""), ("done", "1.5")]
+    assert [(r["status"], r["wall_time_s"]) for r in rows] == [
+        ("done", "1.5"), ("failed (exit 3)", ""), ("done", "1.5")]
 
 
 @pytest.mark.slow

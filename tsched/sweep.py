@@ -71,7 +71,8 @@ def expand(specs: list[str]) -> list[Run]:
     names = [r.name for r in runs]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise ValueError(f"flag --sweep: values that differ only in unsafe characters give the same run name {clash[0]!r}")
+        raise ValueError(f"flag --sweep: values that differ only in unsafe characters give the same run name "
+                         f"{clash[0]!r}")
     return runs
 
 
