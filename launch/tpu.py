@@ -153,9 +153,9 @@ def _overrides(args) -> list[str]:
 
 def run(args) -> list[list[str]]:
     name = _check_name(args.name)
-    main = ["-m", "tsched.main", f"--config={args.config}", f"--config.run_dir=runs/{name}",
+    argv = ["-m", "tsched.main", f"--config={args.config}", f"--config.run_dir=runs/{name}",
             "--config.train.resume=True", *_overrides(args)]
-    return [_worker(args, args.tpu, "start", f"--name={name}", "--", *main)]
+    return [_worker(args, args.tpu, "start", f"--name={name}", "--", *argv)]
 
 
 def sweep(args) -> list[list[str]]:
