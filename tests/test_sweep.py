@@ -42,7 +42,7 @@ def test_bad_sweep_specs_name_the_flag(specs, message):
 
 
 @pytest.mark.parametrize("specs,fixed,message", [
-    (["rl.credit.strategy=uniform,bogus"], [], "'rl.credit.strategy' = 'bogus' is not one of"),
+    (["rl.credit.strategy=uniform,bogus"], [], "'rl.credit.strategy' = 'bogus': must be one of"),
     (["rl.nope=1"], [], "flag --config.rl.nope=1: unknown config field"),
     (["seed=zero"], [], "flag --config.seed=zero"),
     (["seed=0"], ["--config.rl.steps=-1"], "'rl.steps' = -1: must be > 0"),
