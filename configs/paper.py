@@ -21,6 +21,16 @@ field can still be overridden by flag. Results: one run is one sample; compare m
     entropy_adv_schedule  the entropy bonus decaying linearly to plain GRPO
     off_policy_schedule   the prompt carries round(r L) tokens of the reference solution, r decaying
     gspo                  sequence-level importance ratio, seq-mean-token-mean, GSPO's narrow clip range
+
+Neighbouring criteria and several updates per rollout (ratios != 1, so clipping acts):
+
+    minibatch4            GRPO with 4 optimizer steps per rollout batch (DAPO-style mini-batches)
+    forking_batch         static 80/20 with a batch-level entropy threshold, as the 80/20 paper
+    d3s_schedule          D3S token selection (largest |A| H), sparse to dense under the linear schedule
+    empg                  static EMPG: entropy-modulated advantage + future-clarity bonus, per token
+    p_trace / s_trace     eligibility-trace ratios (tsched's formalisation) over all / the top-20%-entropy
+                          tokens, with 4 mini-batches
+    clip_cov / kl_cov     Clip-Cov / KL-Cov on high-covariance tokens, with 4 mini-batches
 """
 
 from tsched.config import base_config
@@ -40,6 +50,18 @@ METHODS = {
     "gspo": {"rl.credit.strategy": "uniform", "rl.loss": "gspo", "rl.aggregation": "seq-mean-token-mean",
              "rl.clip_low": 3e-4, "rl.clip_high": 4e-4, "rl.dual_clip": 0.0},
 }
+_MINI = {"rl.mini_batches": 4}
+METHODS.update({
+    "minibatch4": {"rl.credit.strategy": "uniform", **_MINI},
+    "forking_batch": {"rl.credit.strategy": "forking_batch", "rl.credit.normalizer": "valid_tokens",
+                      "rl.schedule.mode": "constant", "rl.schedule.initial_magnitude": 0.8},
+    "d3s_schedule": {"rl.credit.strategy": "d3s", "rl.schedule.mode": "linear"},
+    "empg": {"rl.credit.strategy": "empg", "rl.schedule.mode": "constant", "rl.schedule.initial_magnitude": 1.0},
+    "p_trace": {"rl.credit.strategy": "uniform", "rl.loss": "trace", **_MINI},
+    "s_trace": {"rl.credit.strategy": "uniform", "rl.loss": "trace", "rl.trace.entropy_top": 0.2, **_MINI},
+    "clip_cov": {"rl.credit.strategy": "uniform", "rl.loss": "clip_cov", **_MINI},
+    "kl_cov": {"rl.credit.strategy": "uniform", "rl.loss": "kl_cov", **_MINI},
+})
 KEYS = {"strategy": "rl.credit.strategy", "schedule": "rl.schedule.mode", "transform": "rl.prompt_transform",
         "loss": "rl.loss"}
 

@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.lr = 1e-4
     c.rl.max_grad_norm = 1.0
     c.rl.micro_batches = 1  # gradient accumulation: one optimizer step over this many slices
+    c.rl.mini_batches = 1  # optimizer steps per pass over a rollout batch (1 with epochs 1: on-policy)
+    c.rl.epochs = 1  # passes over each rollout batch
     c.rl.advantage = "grpo"
     c.rl.loss = "ppo"
     c.rl.clip_low = 0.2
@@ -209,7 +211,7 @@ _RANGES = {
                               "model.n_kv_heads", "model.head_dim", "model.ffn_dim", "model.rope_theta",
                               "model.norm_eps", "sft.batch_size", "sft.lr", "rl.steps", "rl.prompts_per_step",
                               "rl.max_new_tokens", "rl.temperature", "rl.lr", "rl.max_grad_norm",
-                              "rl.micro_batches", "rl.credit.kappa", "rl.schedule.total_steps",
+                              "rl.micro_batches", "rl.mini_batches", "rl.epochs", "rl.credit.kappa", "rl.schedule.total_steps",
                               "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
                               "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every")},
@@ -269,8 +271,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                 f"with total_steps={s.total_steps} they give start step {s0} >= end step {s1}; "
                 f"the decay needs s1 > s0 (or rl.schedule.mode=constant)")
     n = rl.prompts_per_step * rl.group_size
-    if n % rl.micro_batches:
-        _fail("rl.micro_batches", rl.micro_batches, f"must divide rl.prompts_per_step * rl.group_size = {n}")
+    if n % rl.mini_batches:
+        _fail("rl.mini_batches", rl.mini_batches, f"must divide rl.prompts_per_step * rl.group_size = {n}")
+    if (n // rl.mini_batches) % rl.micro_batches:
+        _fail("rl.micro_batches", rl.micro_batches, f"must divide the mini-batch of {n // rl.mini_batches} sequences "
+                                                    f"(rl.prompts_per_step * rl.group_size / rl.mini_batches)")
     if num_devices is None:
         import jax
 

@@ -251,3 +251,59 @@ def test_kl_metrics_against_a_different_reference_policy(tiny_model_cfg, tiny_pa
     assert seen.sum() >= 8
     np.testing.assert_allclose(got[seen], sums[seen] / counts[seen], rtol=1e-4, atol=1e-6)
     assert got[seen].min() > 0 and np.all(got[~seen] == 0)
+
+
+# ---- Several updates per rollout: rl.mini_batches x rl.epochs optimizer steps, old policy = the sampler's.
+
+def test_two_epochs_equal_two_sequential_updates_against_the_sampling_policy(tiny_model_cfg, tiny_params):
+    """epochs 2, one mini-batch, SGD lr 1: p1 = p0 - g(p0; old p0), p2 = p1 - g(p1; old p0)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=8)
+    cfg = make_cfg(epochs=2, **{"credit.strategy": "tp"})
+    state, m = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
+    assert int(state["step"]) == 1  # one rollout batch = one schedule step
+
+    r = jnp.float32(0.99 * (1 - 1 / 8))
+    s = np.asarray(data["rewards"]).reshape(B, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    old_logp, old_ent = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, 1.0)
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv, "old_logp": old_logp, "old_entropy": old_ent}
+    params = tiny_params
+    for _ in range(2):
+        _, g, _ = learner.policy_gradient(cfg.rl, tiny_model_cfg, params, None, r, rows, P)
+        params = jax.tree.map(lambda p, d: p - d, params, g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 state["params"], params)
+    assert float(m["policy_kl"]) > 0  # the second update saw a moved policy
+
+
+def test_mini_batches_make_ratios_move_and_clip(tiny_model_cfg, tiny_params):
+    """Four mini-batches with a large step: later updates see ratios far from 1, so the clips act, and
+    the GSPO sequence ratio gives other parameters than the token ratio (on-policy they coincide)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=9)
+    tx = optax.sgd(20.0)
+    out = {}
+    for loss in ("ppo", "gspo"):
+        for mini in (1, 4):
+            cfg = make_cfg(mini_batches=mini, loss=loss, aggregation="seq-mean-token-mean",
+                           **{"credit.strategy": "uniform"})
+            state = learner.init_state(jax.tree.map(jnp.copy, tiny_params), tx, jax.random.key(0))
+            out[loss, mini] = learner.make_rl_step(cfg, tiny_model_cfg, tx)(state, None, data)
+    m = out["ppo", 4][1]
+    assert float(m["clip_low_frac"]) + float(m["clip_high_frac"]) > 0.01
+    assert float(m["ratio_std"]) > 0.05 and float(out["ppo", 1][1]["ratio_std"]) == 0.0
+    same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y))
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(out["ppo", 1][0]["params"], out["gspo", 1][0]["params"])  # ratio 1: GSPO = GRPO's update
+    assert not same(out["ppo", 4][0]["params"], out["gspo", 4][0]["params"])
+
+
+def test_mini_batches_must_split_the_batch():
+    from tsched.config import ConfigError, validate
+
+    cfg = make_cfg(mini_batches=3)
+    with pytest.raises(ConfigError, match="rl.mini_batches"):
+        validate(cfg, num_devices=1)
+    cfg = make_cfg(mini_batches=4, micro_batches=4)  # mini-batches of 2 sequences
+    with pytest.raises(ConfigError, match="rl.micro_batches"):
+        validate(cfg, num_devices=1)

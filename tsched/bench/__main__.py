@@ -119,8 +119,8 @@ def run(dtype: str, args, peak: float) -> dict:
     t_score = median_time(lambda: score(params), args.steps)
 
     # the learner's own gradient computation, in `--micro-batches` slices
-    grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), tokens, valid, mask,
-                                                     adv, P)[:2])
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), rows, P)[:2])
     t_loss = median_time(lambda: grad(params), args.steps)
     grads = grad(params)[1]
     opt_state = tx.init(params)

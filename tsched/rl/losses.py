@@ -183,11 +183,27 @@ def kl_cov(logp, old_logp, adv, mask, ratio, beta):
 # (loss [N, T], clipped [N, T] bool: the clipped branch is active, extra metric sums {name: (sum, count)}).
 # adv are token advantages [N, T], mask the selected tokens, rl the `config.rl` section, key a PRNG key.
 
+def clip_sums(log_ratio, adv, mask, clip_low: float, clip_high: float, dual_clip: float) -> dict:
+    """Which clip acts, as metric sums over the mask tokens: the lower clip (A < 0, ratio < 1 - clip_low),
+    the upper clip (A > 0, ratio > 1 + clip_high), the dual clip (A < 0, ratio > dual_clip); and the
+    ratio's first two moments (its spread)."""
+    f32 = lambda x: jnp.sum(x.astype(jnp.float32) * mask)
+    ratio = jax.lax.stop_gradient(jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)))
+    n = f32(jnp.ones_like(ratio))
+    out = {"clip_low_frac": (f32((adv < 0) & (ratio < 1 - clip_low)), n),
+           "clip_high_frac": (f32((adv > 0) & (ratio > 1 + clip_high)), n),
+           "ratio_mean": (f32(ratio), n), "ratio_sq_mean": (f32(ratio * ratio), n)}
+    if dual_clip:
+        out["dual_clip_frac"] = (f32((adv < 0) & (ratio > dual_clip)), n)
+    return out
+
+
 def _clipped(log_ratio):
     """The PPO-clipped loss of a log-ratio function (token, sequence or trace ratio)."""
     def loss(logp, old_logp, adv, mask, entropy, rl, key):
         lr = log_ratio(logp, old_logp, mask, entropy, rl.trace)
-        return (*clipped_objective(lr, adv, rl.clip_low, rl.clip_high, rl.dual_clip), {})
+        sums = clip_sums(lr, adv, mask, rl.clip_low, rl.clip_high, rl.dual_clip)
+        return (*clipped_objective(lr, adv, rl.clip_low, rl.clip_high, rl.dual_clip), sums)
     return loss
 
 

@@ -47,7 +47,8 @@ def stage_masks(mask):
     return frac, {k: mask & (frac >= lo) & (frac < hi) for k, (lo, hi) in STAGES.items()}
 
 
-def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, key=None, sample_logp=None):
+def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, key=None, sample_logp=None,
+                old_entropy=None):
     """-> (numerator, denominator, metric sums {name: (sum, count)}).
 
     rl: the `config.rl` section; r: schedule magnitude; logp, entropy [N, T] (with gradient);
@@ -57,11 +58,12 @@ def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, k
     (ratio 1 in value) and no separate scoring pass is needed. That shortcut is right only while the
     sampler and the learner agree on every token's log-prob (same temperature, same positions):
     sample_logp [N, T], the sampler's own log-probs, feeds the `logp_mismatch` metric that checks it.
-    key: a PRNG key, for token losses that draw at random (`clip_cov`).
+    key: a PRNG key, for token losses that draw at random (`clip_cov`). old_entropy [N, T]: the sampling
+    policy's entropies, which credit criteria read (default: the current ones, equal on-policy).
     """
     ccfg = rl.credit
     old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
-    ent = jax.lax.stop_gradient(entropy)
+    ent = jax.lax.stop_gradient(entropy if old_entropy is None else old_entropy)
     loss_mask, token_adv = credit.allocate(ccfg.strategy, r, adv, mask, ent, ccfg)
     norm_mask = NORMALIZERS[ccfg.normalizer](loss_mask, mask)
     per_token, clipped, loss_sums = losses.TOKEN_LOSSES[rl.loss](logp, old_logp, token_adv, loss_mask, ent, rl, key)
@@ -78,6 +80,9 @@ def policy_loss(rl, r, logp, entropy, adv, mask, ref_logp=None, old_logp=None, k
     if sample_logp is not None:
         gap = jnp.abs(jax.lax.stop_gradient(logp) - sample_logp)
         sums["logp_mismatch"] = (jnp.sum(gap * mask), jnp.sum(f32(mask)))
+    # KL(old || new) by the k3 estimator on the sampled tokens: how far the updates moved the policy.
+    policy_kl = losses.kl(old_logp, jax.lax.stop_gradient(logp), "k3")
+    sums["policy_kl"] = (jnp.sum(policy_kl * mask), jnp.sum(f32(mask)))
     if ref_logp is not None:
         kl_tok = losses.kl(logp, jax.lax.stop_gradient(ref_logp), rl.kl_estimator)
         if rl.kl_coef:

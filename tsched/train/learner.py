@@ -85,15 +85,28 @@ def make_sft_step(model_cfg, tx):
     return sft_step
 
 
-def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, adv, P: int, sample_logp=None,
-                    key=None):
+def micro_split(x, M: int):
+    """[N, ...] -> [M, N / M, ...]: the slices `lax.scan` / `lax.map` walk over."""
+    return x.reshape(M, x.shape[0] // M, *x.shape[1:])
+
+
+def score(rl, model_cfg, params, tokens, valid, P: int):
+    """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
+    them), in `rl.micro_batches` slices: the old policy of several updates per rollout."""
+    stats = lambda x: token_stats(model_cfg, params, x[0], x[1], P, rl.temperature)
+    logp, entropy = jax.lax.map(stats, (micro_split(tokens, rl.micro_batches), micro_split(valid, rl.micro_batches)))
+    return logp.reshape(tokens.shape[0], -1), entropy.reshape(tokens.shape[0], -1)
+
+
+def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, key=None):
     """Loss, gradient and metric sums of the scheduled objective, accumulated over `rl.micro_batches`.
 
-    tokens, valid [N, P+T], mask [N, T], adv [N]; r the schedule magnitude; sample_logp [N, T] the
-    sampler's log-probs (for the mismatch metric) or None; key a PRNG key for losses that draw at
-    random (folded with the micro-batch index). Returns (loss, grads, sums) with loss and
-    grads normalised by the denominator summed over all micro-batches, so the result equals one pass
-    over the whole batch for every aggregation mode.
+    rows: per-row arrays {'tokens', 'valid' [N, P+T], 'mask' [N, T], 'adv' [N]} and optionally
+    'sample_logp' (the sampler's log-probs, for the mismatch metric), 'old_logp' and 'old_entropy'
+    [N, T] (the sampling policy's, when it is not the current one); r the schedule magnitude; key a
+    PRNG key for losses that draw at random (folded with the micro-batch index). Returns (loss, grads,
+    sums) with loss and grads normalised by the denominator summed over all micro-batches, so the
+    result equals one pass over the whole batch for every aggregation mode.
     """
     M = rl.micro_batches
 
@@ -102,15 +115,12 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, tokens, valid, mask, a
         ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, mb["tokens"], mb["valid"], P,
                                                                rl.temperature)[0]
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
-        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp, key=mb_key,
-                                               sample_logp=mb.get("sample_logp"))
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
+                                               old_logp=mb.get("old_logp"), key=mb_key,
+                                               sample_logp=mb.get("sample_logp"), old_entropy=mb.get("old_entropy"))
         return num, (den, sums)
 
-    split = lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:])
-    mbs = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
-    if sample_logp is not None:
-        mbs["sample_logp"] = sample_logp
-    mbs = {**jax.tree.map(split, mbs), "index": jnp.arange(M)}
+    mbs = {**jax.tree.map(lambda x: micro_split(x, M), rows), "index": jnp.arange(M)}
 
     def body(carry, mb):
         (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
@@ -131,29 +141,75 @@ def make_rl_step(cfg, model_cfg, tx):
     `tsched.rollout.Rollout.learner_batch()` gives it. `ref_params` (the initial policy) is used for the
     KL penalty and the KL-by-percentile metric; pass None to skip that extra forward pass. Metrics are
     float32 scalars.
+
+    Updates per rollout: `rl.epochs` passes over the batch in `rl.mini_batches` mini-batches, one
+    optimizer step each. With 1 and 1 the sampling policy is the current one (ratio 1, no scoring
+    pass). Otherwise a scoring pass first computes the sampling policy's log-probs and entropies (the
+    old policy of every later update: ratios, clipping and entropy criteria read them), and each epoch
+    visits the rows in a fresh order drawn from the step's loss key. The schedule's step counts rollout
+    batches (the paper's training step), not optimizer steps; the metrics average over the updates.
     """
     rl = cfg.rl
+    E, MB = rl.epochs, rl.mini_batches
 
     @functools.partial(jax.jit, donate_argnums=0)
     def rl_step(state, ref_params, batch):
         prompts, lengths, rewards = batch["prompts"], batch["lengths"], batch["rewards"]
+        P = prompts.shape[1]
         step = state["step"] + 1
         r = schedules.magnitude(step, rl.schedule)
+        key = step_keys(state["rng"], step)[1] if "rng" in state else None
         adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
         tokens, valid, mask = join(prompts, batch["prompt_lens"], batch["completions"], lengths)
-        loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, tokens, valid, mask, adv,
-                                            prompts.shape[1], batch.get("sample_logp"),
-                                            step_keys(state["rng"], step)[1] if "rng" in state else None)
-        new_state = _apply(tx, state, grads)
+        rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+        extra = {}
+        if E * MB == 1:
+            if "sample_logp" in batch:
+                rows["sample_logp"] = batch["sample_logp"]
+            loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, rows, P, key)
+            new_state = _apply(tx, state, grads)
+            grad_norm = optax.global_norm(grads)
+        else:
+            rows["old_logp"], rows["old_entropy"] = score(rl, model_cfg, state["params"], tokens, valid, P)
+            new_state, loss, grad_norm, sums = _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key)
+            if "sample_logp" in batch:  # sampler vs the learner's scoring pass, before any update
+                gap = jnp.abs(rows["old_logp"] - batch["sample_logp"]) * mask
+                extra["logp_mismatch"] = jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         if "kl_bins" in metrics:
             metrics.update({f"kl_bin{i}": metrics["kl_bins"][i] for i in range(objective.KL_BINS)})
             del metrics["kl_bins"]
+        if "ratio_sq_mean" in metrics:
+            metrics["ratio_std"] = jnp.sqrt(jnp.maximum(metrics.pop("ratio_sq_mean") - metrics["ratio_mean"] ** 2, 0))
+        metrics.update(extra)
         metrics.update({
-            "loss": loss, "magnitude": r, "grad_norm": optax.global_norm(grads),
+            "loss": loss, "magnitude": r, "grad_norm": grad_norm,
             "reward": jnp.mean(rewards), "zero_var_groups": zero_var,
             "response_len": jnp.mean(lengths.astype(jnp.float32)),
         })
         return new_state, metrics
 
     return rl_step
+
+
+def _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key):
+    """`rl.epochs` x `rl.mini_batches` optimizer steps over `rows` (with 'old_logp' / 'old_entropy'), one
+    `lax.scan`. -> (state, mean loss, mean grad norm, summed metric sums). The state's step advances once."""
+    E, MB = rl.epochs, rl.mini_batches
+    N = rows["adv"].shape[0]
+    order_key, key = jax.random.split(key if key is not None else jax.random.key(0))
+    order = jnp.stack([jax.random.permutation(jax.random.fold_in(order_key, e), N) for e in range(E)])
+    order = order.reshape(E * MB, N // MB)  # row indices of each update's mini-batch
+
+    def update(carry, x):
+        params, opt_state = carry
+        idx, i = x
+        mb = jax.tree.map(lambda a: a[idx], rows)
+        loss, grads, sums = policy_gradient(rl, model_cfg, params, ref_params, r, mb, P, jax.random.fold_in(key, i))
+        upd, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, upd), opt_state), (loss, optax.global_norm(grads), sums)
+
+    (params, opt_state), (loss, grad_norm, sums) = jax.lax.scan(
+        update, (state["params"], state["opt_state"]), (order, jnp.arange(E * MB)))
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, jnp.mean(loss), jnp.mean(grad_norm), jax.tree.map(lambda s: jnp.sum(s, 0), sums)
