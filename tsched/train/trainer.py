@@ -176,17 +176,15 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
         it.set_state(data_state)
         print(f"resumed RL at step {int(state['step'])}")
 
-    step = int(state["step"]) + 1
-    bar = tqdm(total=rl.steps, initial=step - 1, desc="RL", disable=not cfg.train.progress, dynamic_ncols=True)
-    while step <= rl.steps:
+    bar = tqdm(total=rl.steps, initial=int(state["step"]), desc="RL", disable=not cfg.train.progress,
+               dynamic_ncols=True)
+    while (step := int(state["step"]) + 1) <= rl.steps:
         r = float(schedules.magnitude(step, rl.schedule))
         sample_key, _ = learner.step_keys(state["rng"], step)
         ro = rollout.generate(model_cfg, scfg, state["params"], next(it), sample_key, tok, pool, rl.prompt_transform, r)
         t0 = time.perf_counter()
         state, m = rl_step(state, ref_params, ro.learner_batch())
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
-        if int(state["step"]) != step:
-            raise RuntimeError(f"the update advanced the step counter to {int(state['step'])}, expected {step}")
         writer.write(step, m)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
@@ -194,6 +192,5 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
             tqdm.write(summary_line(step, rl.steps, m))
         if step % cfg.train.checkpoint_every == 0 or step == rl.steps:
             ckpt.save(step, state, it.get_state())
-        step += 1
     bar.close()
     return state["params"]
