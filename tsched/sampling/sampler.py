@@ -66,7 +66,8 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     """prompts [B, P] (left-padded), prompt_lens [B] -> completions for N = B * G rows.
 
     Returns tokens [N, T] (EOS included, padding after), lengths [N] (tokens up to and including EOS),
-    logp [N, T] (log-prob of each sampled token at the sampling temperature, 0 on padding).
+    logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k / top-p
+    filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares them.
     """
     B, P = prompts.shape
     G, T = scfg.num_samples, scfg.max_new_tokens
