@@ -160,8 +160,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def data_dir(cfg) -> str:
     """Where datasets and trained tokenizers are cached: deterministic functions of the data config,
-    shared by the runs beside this one and never inside a run directory (moving a run aside keeps them)."""
-    return cfg.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), ".data")
+    shared by the runs beside this one and never inside a run directory (moving a run aside keeps them).
+    Beside a run directory on an object store (gs://...) it is a local cache instead: the tokenizer
+    trainer writes plain files."""
+    if cfg.data.data_dir:
+        return cfg.data.data_dir
+    if "://" in cfg.run_dir:
+        return os.path.join(os.path.expanduser("~"), ".cache", "tsched", "data")
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), ".data")
 
 
 def _registries() -> dict:

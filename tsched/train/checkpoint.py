@@ -18,8 +18,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
                                                # Synchronous: the next step donates the state buffers.
                                                enable_async_checkpointing=False)
-        # Orbax needs absolute paths; run_dir is usually relative to where the user launched.
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        # Orbax needs absolute paths; run_dir is usually relative to where the user launched (gs:// and
+        # other object-store paths are absolute already).
+        directory = str(directory)
+        self.manager = ocp.CheckpointManager(directory if "://" in directory else os.path.abspath(directory),
+                                             options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+from etils import epath
+
+
+def is_local(path) -> bool:
+    return "://" not in str(path)
 
 
 class MetricsWriter:
@@ -13,31 +17,41 @@ class MetricsWriter:
 
     On resume from RL step k, RL lines of steps after k (written by the killed run after its last
     checkpoint) are dropped, and SFT lines unless the SFT result was restored, so the log describes
-    exactly the run that produced the final parameters.
+    exactly the run that produced the final parameters. run_dir may be local or an object store
+    (gs://, through etils.epath): object stores have no append, so there the JSONL file is rewritten
+    at `flush()` (the trainer's log intervals and `close()`) rather than appended to per line.
     """
 
-    def __init__(self, run_dir: str, resume_step: int = 0, keep_sft: bool = False):
+    def __init__(self, run_dir, resume_step: int = 0, keep_sft: bool = False):
         from tensorboardX import SummaryWriter
 
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [(ln, json.loads(ln)) for ln in f if ln.strip()]
-            kept = [ln for ln, r in rows
-                    if (r["phase"] == "sft" and keep_sft) or (r["phase"] == "rl" and r["step"] <= resume_step)]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.path = epath.Path(run_dir) / "metrics.jsonl"
+        self._lines = []
+        if self.path.exists():
+            rows = [(ln + "\n", json.loads(ln)) for ln in self.path.read_text().splitlines() if ln.strip()]
+            self._lines = [ln for ln, r in rows
+                           if (r["phase"] == "sft" and keep_sft) or (r["phase"] == "rl" and r["step"] <= resume_step)]
+        self.path.write_text("".join(self._lines))  # the kept history (empty for a fresh run)
+        self.tb = SummaryWriter(str(epath.Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict, phase: str = "rl") -> None:
         clean = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         for k, v in clean.items():
             self.tb.add_scalar(f"{phase}/{k}", v, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"phase": phase, "step": step, **clean}) + "\n")
+        line = json.dumps({"phase": phase, "step": step, **clean}) + "\n"
+        self._lines.append(line)
+        if is_local(self.path):
+            with self.path.open("a") as f:
+                f.write(line)
+
+    def flush(self) -> None:
+        """On an object store, rewrites the file with every line so far (local files are appended per line)."""
+        if not is_local(self.path):
+            self.path.write_text("".join(self._lines))
+        self.tb.flush()
 
     def close(self) -> None:
+        self.flush()
         self.tb.close()
 
 
@@ -48,14 +62,16 @@ def summary_line(step: int, total: int, m: dict) -> str:
             f"update {m['update_s']:.2f}s")
 
 
-def plot_curves(jsonl_path: str, png_path: str) -> None:
+def plot_curves(jsonl_path, png_path) -> None:
     """Reward, schedule magnitude, entropy by stage and optimized-token fraction over RL steps."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in open(jsonl_path) if ln.strip()]
+    rows = [json.loads(ln) for ln in epath.Path(jsonl_path).read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r.get("phase") == "rl"]
     if not rows:
         return
@@ -73,5 +89,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
+    png = io.BytesIO()  # through epath, so png_path may be on an object store
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    epath.Path(png_path).write_bytes(png.getvalue())

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from tqdm import tqdm
 
 from tsched import eval as eval_lib
@@ -31,14 +31,16 @@ from tsched.train.metrics import MetricsWriter, plot_curves, summary_line
 from tsched.verify.pool import VerifierPool
 
 
-def _prepare_run_dir(cfg) -> None:
-    if os.path.isdir(cfg.run_dir) and not cfg.train.resume and os.listdir(cfg.run_dir):
-        aside = f"{cfg.run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.move(cfg.run_dir, aside)
+def _prepare_run_dir(cfg) -> epath.Path:
+    """The run directory (a local path or e.g. gs://), created; an earlier run there is moved aside."""
+    run_dir = epath.Path(cfg.run_dir)
+    if run_dir.is_dir() and not cfg.train.resume and any(run_dir.iterdir()):
+        aside = run_dir.parent / f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.rename(aside)
         print(f"run_dir {cfg.run_dir} existed and train.resume=False: moved it to {aside}")
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    return run_dir
 
 
 def run(cfg) -> str:
@@ -57,8 +59,7 @@ def run(cfg) -> str:
     P = cfg.data.prompt_len
     budgets = pipeline.check_budgets(splits.values(), tok, P, cfg.data.max_solution_tokens)
 
-    _prepare_run_dir(cfg)
-    run_dir = cfg.run_dir
+    run_dir = _prepare_run_dir(cfg)
     model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
     eval_batches = pipeline.eval_batches(splits["eval"], pipeline.Encode(tok.path, P), cfg.eval.num_problems,
                                          cfg.eval.batch_size)
@@ -74,8 +75,8 @@ def run(cfg) -> str:
           f"longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
           f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}")
 
-    sft_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "sft"), keep=1)
-    rl_ckpt = Checkpointer(os.path.join(run_dir, "ckpt", "rl"), keep=cfg.train.keep_checkpoints)
+    sft_ckpt = Checkpointer(run_dir / "ckpt" / "sft", keep=1)
+    rl_ckpt = Checkpointer(run_dir / "ckpt" / "rl", keep=cfg.train.keep_checkpoints)
     resume_sft = cfg.train.resume and sft_ckpt.latest_step() is not None
     resume_rl = (rl_ckpt.latest_step() or 0) if cfg.train.resume else 0
     writer = MetricsWriter(run_dir, resume_step=resume_rl, keep_sft=resume_sft)
@@ -91,12 +92,12 @@ def run(cfg) -> str:
             sft_ckpt.save(cfg.sft.steps, params)
 
         # ---- Evaluation before RL (kept on disk so a resumed run reports it too)
-        before_path = os.path.join(run_dir, "eval_before_rl.json")
-        if cfg.train.resume and os.path.exists(before_path):
-            before = json.load(open(before_path))
+        before_path = run_dir / "eval_before_rl.json"
+        if cfg.train.resume and before_path.exists():
+            before = json.loads(before_path.read_text())
         else:
             before = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
-            json.dump(before, open(before_path, "w"), indent=2)
+            before_path.write_text(json.dumps(before, indent=2))
         print(f"eval before RL: avg@{cfg.eval.samples} {before['sampled']['accuracy']:.3f}, "
               f"greedy {before['greedy']['accuracy']:.3f}")
 
@@ -110,7 +111,7 @@ def run(cfg) -> str:
     writer.close()
     sft_ckpt.close()
     rl_ckpt.close()
-    plot_curves(writer.path, os.path.join(run_dir, "curves.png"))
+    plot_curves(writer.path, run_dir / "curves.png")
 
     summary = {
         "eval_accuracy_before_rl": before["sampled"]["accuracy"],
@@ -127,10 +128,9 @@ def run(cfg) -> str:
         "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
-    path = os.path.join(run_dir, "summary.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    return path
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return str(path)
 
 
 def _sft(cfg, model_cfg, params, train_source, tok, writer):
@@ -190,6 +190,7 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == rl.steps:
             tqdm.write(summary_line(step, rl.steps, m))
+            writer.flush()
         if step % cfg.train.checkpoint_every == 0 or step == rl.steps:
             ckpt.save(step, state, it.get_state())
     bar.close()
