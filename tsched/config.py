@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of matmul inputs; accumulation and weights stay float32
     c.model.remat = False
     c.model.scan_layers = False  # nn.scan over layers in full passes: True for deep models (compile time)
+    # Memory at long sequences / large vocabularies, 0 = off (fastest at this tiny shape). A 4B model with
+    # 4k-token responses: logits_chunk 512 (log-probs without the [N, T, V] logits), attn_block 512.
+    c.model.logits_chunk = 0  # positions per chunk of the update's log-prob / entropy computation
+    c.model.attn_block = 0  # key slots per block of blockwise (flash) attention in full passes
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -168,6 +172,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check("rl.temperature", lambda v: v > 0, "> 0 (RL needs a sampling distribution)")
     check("rl.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
     check("rl.top_k", lambda v: v >= 0, ">= 0")
+    check("model.logits_chunk", lambda v: v >= 0, ">= 0 (0 = off)")
+    check("model.attn_block", lambda v: v >= 0, ">= 0 (0 = off)")
     check("rl.clip_low", lambda v: 0 <= v < 1, "in [0, 1)")
     check("rl.clip_high", lambda v: v >= 0, ">= 0")
     check("rl.dual_clip", lambda v: v == 0 or v > 1, "0 (off) or > 1")

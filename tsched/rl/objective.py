@@ -11,22 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tsched.model import logits as logits_lib
 from tsched.rl import credit, losses
 
 KL_BINS = 10  # trajectory-percentile bins of the KL-to-initial-policy metric
 STAGES = {"first10": (0.0, 0.1), "mid45_55": (0.45, 0.55), "last10": (0.9, 1.0)}
 
 
-def token_stats_from_logits(logits, targets, temperature: float = 1.0):
-    """logits [N, T, V], targets [N, T] -> log-prob of each target and the entropy, at `temperature`.
-
-    H = logsumexp(z) - sum softmax(z) z with z = logits / temperature.
-    """
-    z = logits / temperature
-    lse = jax.nn.logsumexp(z, axis=-1)
-    logp = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse
-    entropy = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return logp, entropy
+# logits [N, T, V], targets [N, T] -> log-prob, entropy [N, T]; the formula lives beside its chunked form.
+token_stats_from_logits = logits_lib.stats_from_logits
 
 
 def stage_masks(mask):

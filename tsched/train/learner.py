@@ -47,9 +47,12 @@ def join(prompts, prompt_lens, completions, lengths):
 
 
 def token_stats(model_cfg, params, tokens, valid, P: int, temperature: float = 1.0):
-    """tokens, valid [N, P+T] -> log-prob of each completion token and its entropy [N, T], at `temperature`."""
-    logits = model_lib.forward(model_cfg, params, tokens, valid)[:, P - 1:-1]
-    return objective.token_stats_from_logits(logits, tokens[:, P:], temperature)
+    """tokens, valid [N, P+T] -> log-prob of each completion token and its entropy [N, T], at `temperature`.
+
+    With `model_cfg.logits_chunk` > 0 the [N, T, V] logits are never held whole (tsched.model.logits).
+    """
+    h = model_lib.hidden_states(model_cfg, params, tokens, valid)[:, P - 1:-1]
+    return model_lib.token_stats(model_cfg, params, h, tokens[:, P:], temperature, model_cfg.logits_chunk)
 
 
 def _apply(tx, state, grads):
