@@ -98,7 +98,8 @@ def main(argv):
     r = plan(cfg)
     m = r["model"]
     print(f"plan: {m.num_params() / 1e9:.2f}B parameters ({m.n_layers} layers, d {m.d_model}), compute {m.dtype}, "
-          f"remat {m.remat}; mesh {r['mesh']} over {r['devices']} {r['platform']} devices")
+          f"remat {m.remat}, logits_chunk {m.logits_chunk}, attn_block {m.attn_block}; mesh {r['mesh']} over "
+          f"{r['devices']} {r['platform']} devices")
     print(f"RL update: {cfg.rl.prompts_per_step} prompts x {cfg.rl.group_size} samples, prompt {cfg.data.prompt_len} "
           f"+ {cfg.rl.max_new_tokens} new tokens, {cfg.rl.micro_batches} micro-batches")
     print(f"{'per device':<26} {'MiB':>10} {'GiB':>8}")
