@@ -39,6 +39,8 @@ def test_bad_config_fails_fast_naming_the_field(override, needle, tmp_path):
     ("rl.top_p", 0.0, "rl.top_p"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
     ("model.n_heads", 3, "model.n_heads"),
+    ("model.logits_chunk", -1, "model.logits_chunk"),
+    ("model.attn_block", -8, "model.attn_block"),
     ("rl.schedule.max_ratio", 0.0, "max_ratio"),
 ])
 def test_validate_names_field_and_allowed_values(field, value, needle):
