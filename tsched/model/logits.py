@@ -1,8 +1,7 @@
 """Log-probs and entropies of target tokens straight from hidden states, without the whole logits array.
 
-For Qwen3 (V = 151,936) a micro-batch of 4k-token responses has logits of N * T * V float32 values,
-more than the rest of the update's activations together; XLA keeps them (and the softmax) for the
-backward. `token_stats` computes the unembedding, log-softmax and entropy `chunk` positions at a time
+For Qwen3 (V = 151,936) a micro-batch of 4k-token responses has logits of N * T * V float32 values
+(2.3 GiB per row), and XLA keeps them and the softmax for the backward. `token_stats` computes the unembedding, log-softmax and entropy `chunk` positions at a time
 under `lax.map`, with a custom VJP whose backward recomputes each chunk's logits from the hidden states
 and the head, so neither pass holds more than [N, chunk, V] logits.
 
