@@ -71,6 +71,8 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("eval.temperature", -0.5, "eval.temperature"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
     ("model.n_heads", 3, "model.n_heads"),
+    ("model.logits_chunk", -1, "model.logits_chunk"),
+    ("model.attn_block", -8, "model.attn_block"),
     ("rl.schedule.max_ratio", 0.0, "max_ratio"),
     ("rl.schedule.sigmoid_k", 0.0, "sigmoid_k"),
     ("data.prompt_len", 0, "data.prompt_len"),

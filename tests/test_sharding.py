@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # subprocesses that compile for several devices
 
 
-def check(mesh_shape):
+def check(mesh_shape, memory_saving=False):
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -29,6 +31,8 @@ def check(mesh_shape):
     assert jax.device_count() == 8
     mcfg = model.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                              ffn_dim=64, qk_norm=True)
+    if memory_saving:  # chunked log-probs and blockwise attention: scans over sharded rows
+        mcfg = dataclasses.replace(mcfg, logits_chunk=4, attn_block=4)
     params = model.init_params(mcfg, jax.random.key(0))
     B, G, P, T = 4, 4, 6, 10
     rng = np.random.default_rng(0)
@@ -62,10 +66,11 @@ def check(mesh_shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), multi[2], single[2])
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
-def test_sharded_equals_single_device(mesh_shape):
+@pytest.mark.parametrize("mesh_shape,memory_saving", [((8, 1, 1), False), ((2, 4, 1), False), ((2, 2, 2), False),
+                                                       ((2, 2, 2), True)])
+def test_sharded_equals_single_device(mesh_shape, memory_saving):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
-    code = f"import tests.test_sharding as t; t.check({mesh_shape!r}); print('OK')"
+    code = f"import tests.test_sharding as t; t.check({mesh_shape!r}, {memory_saving!r}); print('OK')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]

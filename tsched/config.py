@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of matmul inputs; accumulation and weights stay float32
     c.model.remat = False
     c.model.scan_layers = False  # nn.scan over layers in full passes: True for deep models (compile time)
+    # Memory at long sequences / large vocabularies, 0 = off (fastest at this tiny shape). A 4B model with
+    # 4k-token responses: logits_chunk 512 (log-probs without the [N, T, V] logits), attn_block 512.
+    c.model.logits_chunk = 0  # positions per chunk of the update's log-prob / entropy computation
+    c.model.attn_block = 0  # key slots per block of blockwise (flash) attention in full passes
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -221,7 +225,7 @@ _RANGES = {
                               "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
                               "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every")},
-    **{f: _non_negative for f in ("sft.steps", "sft.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
+    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "sft.steps", "sft.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
                                   "rl.credit.kl_cov_beta")},

@@ -63,10 +63,11 @@ def plan(cfg) -> dict:
     B, G = cfg.rl.prompts_per_step, cfg.rl.group_size
     Pl, T = cfg.data.prompt_len, cfg.rl.max_new_tokens
     rows = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-    batch = (rows(B, Pl), rows(B), rows(B * G, T), rows(B * G), rows(B * G, dtype=jnp.float32))
+    batch = {"prompts": rows(B, Pl), "prompt_lens": rows(B), "completions": rows(B * G, T), "lengths": rows(B * G),
+             "rewards": rows(B * G, dtype=jnp.float32)}
     ref = params if (cfg.rl.kl_coef > 0 or cfg.train.kl_metrics) else None
     step = learner.make_rl_step(cfg, model_cfg, tx)
-    compiled = step.lower(state, ref, *batch).compile()
+    compiled = step.lower(state, ref, batch).compile()
     mem = compiled.memory_analysis()
 
     out = {
@@ -98,7 +99,8 @@ def main(argv):
     r = plan(cfg)
     m = r["model"]
     print(f"plan: {m.num_params() / 1e9:.2f}B parameters ({m.n_layers} layers, d {m.d_model}), compute {m.dtype}, "
-          f"remat {m.remat}; mesh {r['mesh']} over {r['devices']} {r['platform']} devices")
+          f"remat {m.remat}, logits_chunk {m.logits_chunk}, attn_block {m.attn_block}; mesh {r['mesh']} over "
+          f"{r['devices']} {r['platform']} devices")
     print(f"RL update: {cfg.rl.prompts_per_step} prompts x {cfg.rl.group_size} samples, prompt {cfg.data.prompt_len} "
           f"+ {cfg.rl.max_new_tokens} new tokens, {cfg.rl.micro_batches} micro-batches")
     print(f"{'per device':<26} {'MiB':>10} {'GiB':>8}")

@@ -1,5 +1,7 @@
 """The jitted RL update: exact gradient accumulation, one compilation, and the loss on a NumPy reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,3 +309,17 @@ def test_mini_batches_must_split_the_batch():
     cfg = make_cfg(mini_batches=4, micro_batches=4)  # mini-batches of 2 sequences
     with pytest.raises(ConfigError, match="rl.micro_batches"):
         validate(cfg, num_devices=1)
+
+
+def test_chunked_logits_and_blockwise_attention_give_the_same_update(tiny_model_cfg, tiny_params):
+    # model.logits_chunk / model.attn_block only change memory: the RL step (with the reference policy's
+    # pass for the KL metrics) gives the same loss, metrics and parameter update.
+    data = batch(tiny_model_cfg.vocab_size, seed=7)
+    cfg = make_cfg(micro_batches=2)
+    outs = [run_step(cfg, mcfg, tiny_params, data) for mcfg in
+            (tiny_model_cfg, dataclasses.replace(tiny_model_cfg, logits_chunk=3, attn_block=4))]
+    (s0, m0), (s1, m1) = outs
+    for k in m0:
+        np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 s1["params"], s0["params"])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsched.config import base_config
+from tsched.model import logits as logits_lib
 from tsched.rl import credit, objective, schedules
 
 STRATEGIES = list(credit.CRITERIA)  # every registered criterion; uniform (GRPO) first
@@ -37,7 +38,7 @@ def make_loss(strategy: str, micro: int):
         def one(carry, mb):
             lg, tg, m, a = mb
             def f(lg):
-                logp, ent = objective.token_stats_from_logits(lg, tg, rl.temperature)
+                logp, ent = logits_lib.stats_from_logits(lg, tg, rl.temperature)
                 num, den, sums = objective.policy_loss(rl, r, logp, ent, a, m)
                 return num, (den, sums)
             (num, (den, sums)), g = jax.value_and_grad(f, has_aux=True)(lg)

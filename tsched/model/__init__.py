@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from tsched.model import decoder
-from tsched.model.decoder import Decoder, ModelConfig, Params, apply_unrolled, unstack_layers
+from tsched.model.decoder import Decoder, ModelConfig, Params, apply_unrolled, unembed, unstack_layers
 from tsched.model.hf import load_pretrained, save_pretrained
+from tsched.model.logits import token_stats
 
-__all__ = ["ModelConfig", "Params", "config_from", "init_params", "logical_axes", "forward", "init_cache",
-           "apply_unrolled", "unstack_layers", "positions_from_valid", "load_pretrained", "save_pretrained"]
+__all__ = ["ModelConfig", "Params", "config_from", "init_params", "logical_axes", "forward", "hidden_states",
+           "unembed", "token_stats", "init_cache", "apply_unrolled", "unstack_layers", "positions_from_valid",
+           "load_pretrained", "save_pretrained"]
 
 
 def config_from(model_cfg, vocab_size: int) -> ModelConfig:
@@ -20,13 +22,14 @@ def config_from(model_cfg, vocab_size: int) -> ModelConfig:
 
     if model_cfg.preset:
         return presets.get(model_cfg.preset, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                           scan_layers=model_cfg.scan_layers)
+                           scan_layers=model_cfg.scan_layers, logits_chunk=model_cfg.logits_chunk,
+                           attn_block=model_cfg.attn_block)
     m = model_cfg
     return ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                        n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, qk_norm=m.qk_norm, qkv_bias=m.qkv_bias,
                        tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
-                       scan_layers=m.scan_layers)
+                       scan_layers=m.scan_layers, logits_chunk=m.logits_chunk, attn_block=m.attn_block)
 
 
 def _dummy(cfg: ModelConfig):
@@ -52,14 +55,20 @@ def positions_from_valid(valid: jax.Array) -> jax.Array:
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """Logits [B, T, V] of a full causal pass over tokens [B, T]; `valid` [B, T] marks non-padding."""
+    return unembed(cfg, params, hidden_states(cfg, params, tokens, valid))
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] float32 of a full causal pass, before the output projection
+    (`token_stats` takes them to log-probs without the whole logits array)."""
     T = tokens.shape[1]
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     positions = positions_from_valid(valid)
     if cfg.scan_layers:
-        return Decoder(cfg).apply({"params": params}, tokens, positions, mask)
-    return apply_unrolled(cfg, unstack_layers(params), tokens, positions, mask)[0]
+        return Decoder(cfg).apply({"params": params}, tokens, positions, mask, hidden=True)
+    return decoder.hidden_unrolled(cfg, unstack_layers(params), tokens, positions, mask)[0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:

@@ -50,6 +50,12 @@ class ModelConfig:
     # Full passes (training, scoring) run the layers under nn.scan (compile time independent of depth)
     # or unrolled (faster on CPU: no stacked residual buffers). Cached decoding is always unrolled.
     scan_layers: bool = False
+    # Memory of full passes at long sequence lengths and large vocabularies (0 = off, the fastest for
+    # small shapes): the update computes log-probs `logits_chunk` positions at a time without the whole
+    # [B, T, V] logits (tsched.model.logits), and attention over key blocks of `attn_block` slots
+    # without the whole [T, S] scores (attention_blockwise).
+    logits_chunk: int = 0
+    attn_block: int = 0
 
     @property
     def compute_dtype(self):
@@ -196,6 +202,88 @@ def _attention_bwd(dtype, res, do):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype, block: int) -> jax.Array:
+    """`attention` over key blocks of `block` slots with an online softmax (flash attention), same shapes.
+
+    Neither pass holds more than [B, K, G*T, block] scores: the forward keeps a running max m, sum l and
+    unnormalised output per query row; the backward recomputes each block's probabilities from m and l.
+    Fully masked query rows get the uniform average of all S values, as in `attention` (NEG_INF is finite,
+    so their running max is NEG_INF and every slot weighs exp(0)). When S is not a multiple of `block`,
+    the last block is padded with slots scored -inf, which weigh nothing even in those rows.
+    """
+    B, K, Dh, S = k.shape
+    T = mask.shape[1]
+    C = min(block, S)
+    nb = -(-S // C)
+    pad = nb * C - S
+    kb = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad))).reshape(B, K, Dh, nb, C).transpose(3, 0, 1, 2, 4)
+    vb = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, K, nb, C, Dh).transpose(2, 0, 1, 3, 4)
+    mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad))).reshape(B, T, nb, C).transpose(2, 0, 1, 3)
+    real = (jnp.arange(nb * C) < S).reshape(nb, C)
+    return _flash(q, kb, vb, mb, real, dtype)
+
+
+def _block_scores(q, k, mask, real, dtype):
+    """Scaled, masked scores [B, K, G*T, C] of q [B, K, G*T, Dh] against one key block k [B, K, Dh, C]."""
+    B, K, Q, Dh = q.shape
+    T, C = mask.shape[1:]
+    s = bmm(q, k, dtype).reshape(B, K, Q // T, T, C) / math.sqrt(Dh)
+    s = jnp.where(mask[:, None, None], s, NEG_INF)
+    return jnp.where(real, s, -jnp.inf).reshape(B, K, Q, C)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, kb, vb, mb, real, dtype):
+    """q [B, K, G*T, Dh]; key blocks kb [nb, B, K, Dh, C], vb [nb, B, K, C, Dh], mb [nb, B, T, C], real [nb, C]."""
+    return _flash_fwd(q, kb, vb, mb, real, dtype)[0]
+
+
+def _flash_fwd(q, kb, vb, mb, real, dtype):
+    B, K, Q, Dh = q.shape
+
+    def step(carry, xs):
+        m, l, acc = carry
+        k, v, mask, r = xs
+        s = _block_scores(q, k, mask, r, dtype)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        rescale = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        return (m_new, l * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + bmm(p, v, dtype)), None
+
+    init = (jnp.full((B, K, Q), NEG_INF, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, Dh), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb, real))
+    o = acc / l[..., None]
+    # m and l separately, not logsumexp = m + log l: for a fully masked row m = NEG_INF absorbs log l in
+    # float32, and the backward would lose the 1 / S of its uniform probabilities.
+    return o, (q, kb, vb, mb, real, o, m, l)
+
+
+def _flash_bwd(dtype, res, do):
+    """`_attention_bwd` one key block at a time: dq accumulates in the scan carry, dk and dv are per block."""
+    q, kb, vb, mb, real, o, m, l = res
+    B, K, Q, Dh = q.shape
+    T = mb.shape[2]
+    f32 = lambda eq, a, b: jnp.einsum(eq, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    delta = jnp.sum(do * o, axis=-1, keepdims=True)
+
+    def step(dq, xs):
+        k, v, mask, r = xs
+        C = mask.shape[-1]
+        p = jnp.exp(_block_scores(q, k, mask, r, dtype) - m[..., None]) / l[..., None]
+        ds = (p * (f32("bkqd,bksd->bkqs", do, v) - delta) / math.sqrt(Dh)).reshape(B, K, Q // T, T, C)
+        ds = jnp.where(mask[:, None, None], ds, 0.0).reshape(B, K, Q, C)
+        dk = f32("bkqd,bkqs->bkds", q, ds)
+        dv = f32("bkqd,bkqs->bkds", do, p).swapaxes(-1, -2)
+        return dq + f32("bkqs,bkds->bkqd", ds, k), (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, mb, real))
+    return dq.astype(q.dtype), dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def cache_dtype(dtype) -> jnp.dtype:
     """Storage type of the KV cache for a compute dtype: bfloat16 values are kept as their uint16 bit
     patterns, because XLA:CPU rewrites a whole bf16 array on a one-column dynamic-update-slice (1.3 ms
@@ -272,7 +360,10 @@ class Block(nn.Module):
         # bf16 x bf16 -> f32 kernel for some 5-d dot layouts, and these need no transposes of the cache).
         B, T, G = q.shape[0], q.shape[1], H // K
         q = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-        o = attention(q, k, v, mask, dt)
+        if cache is None and cfg.attn_block:
+            o = attention_blockwise(q, k, v, mask, dt, cfg.attn_block)
+        else:
+            o = attention(q, k, v, mask, dt)
         o = o.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
         wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", "embed"), H * Dh, out_scale)
         x = x + mm("bthk,hkd->btd", o, wo, dt)
@@ -301,8 +392,9 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask):
-        """tokens, positions [B, T]; mask [B, T, T] bool -> logits [B, T, V] float32."""
+    def __call__(self, tokens, positions, mask, hidden: bool = False):
+        """tokens, positions [B, T]; mask [B, T, T] bool -> logits [B, T, V] float32, or with `hidden` the
+        final-normed hidden states [B, T, D] float32 (see `unembed`)."""
         cfg = self.cfg
         params = {"embedding": _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1,
                                       0.02)}
@@ -315,7 +407,7 @@ class Decoder(nn.Module):
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if not cfg.tie_embeddings:
             params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model)
-        return unembed(cfg, params, x)
+        return x if hidden else unembed(cfg, params, x)
 
 
 def unstack_layers(params: Params) -> Params:
@@ -329,11 +421,18 @@ def unstack_layers(params: Params) -> Params:
 
 
 def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0):
-    """The decoder with layers unrolled in Python over `params` from `unstack_layers`.
+    """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache or None)."""
+    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index)
+    return unembed(cfg, params, x), cache
+
+
+def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0):
+    """The decoder up to the final norm, with layers unrolled in Python over `params` from `unstack_layers`.
 
     tokens, positions [B, T]; mask [B, T, S] bool. Without a cache S = T (a full pass); with one, the
     tokens are written at slot `write_index` of a cache that is a tuple over layers of
-    {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (logits [B, T, V], updated cache or None).
+    {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden states [B, T, D], updated
+    cache or None).
     Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
     and re-stack the whole cache on every token; a full pass keeps each layer's residuals in their own
     buffers rather than zero-filled stacks. Compile time grows with depth (see `scan_layers`).
@@ -345,5 +444,4 @@ def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, ca
     for layer_params, layer_cache in zip(params["layers"], caches, strict=True):
         x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index)
         new_cache.append(layer_cache)
-    x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
-    return unembed(cfg, params, x), None if cache is None else tuple(new_cache)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), None if cache is None else tuple(new_cache)

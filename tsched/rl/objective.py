@@ -24,18 +24,6 @@ register_normalizer("selected_tokens")(lambda selected, valid: selected)  # the 
 register_normalizer("valid_tokens")(lambda selected, valid: valid)  # the 80/20 paper, TRL
 
 
-def token_stats_from_logits(logits, targets, temperature: float = 1.0):
-    """logits [N, T, V], targets [N, T] -> log-prob of each target and the entropy, at `temperature`.
-
-    H = logsumexp(z) - sum softmax(z) z with z = logits / temperature.
-    """
-    z = logits / temperature
-    lse = jax.nn.logsumexp(z, axis=-1)
-    logp = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse
-    entropy = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return logp, entropy
-
-
 def stage_masks(mask):
     """Token position as a fraction of its response length [N, T], and masks per trajectory stage.
 

@@ -57,9 +57,12 @@ def join(prompts, prompt_lens, completions, lengths):
 
 
 def token_stats(model_cfg, params, tokens, valid, P: int, temperature: float = 1.0):
-    """tokens, valid [N, P+T] -> log-prob of each completion token and its entropy [N, T], at `temperature`."""
-    logits = model_lib.forward(model_cfg, params, tokens, valid)[:, P - 1:-1]
-    return objective.token_stats_from_logits(logits, tokens[:, P:], temperature)
+    """tokens, valid [N, P+T] -> log-prob of each completion token and its entropy [N, T], at `temperature`.
+
+    With `model_cfg.logits_chunk` > 0 the [N, T, V] logits are never held whole (tsched.model.logits).
+    """
+    h = model_lib.hidden_states(model_cfg, params, tokens, valid)[:, P - 1:-1]
+    return model_lib.token_stats(model_cfg, params, h, tokens[:, P:], temperature, model_cfg.logits_chunk)
 
 
 def _apply(tx, state, grads):
@@ -86,8 +89,10 @@ def make_sft_step(model_cfg, tx):
 
 
 def micro_split(x, M: int):
-    """[N, ...] -> [M, N / M, ...]: the slices `lax.scan` / `lax.map` walk over."""
-    return x.reshape(M, x.shape[0] // M, *x.shape[1:])
+    """[N, ...] -> [M, N / M, ...]: the slices `lax.scan` / `lax.map` walk over. Strided (slice m holds
+    rows m, m + M, ...): with rows sharded over devices, every slice then spans all devices; contiguous
+    slices put the sharding on the slice axis, and each device computed a whole slice in turn."""
+    return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
 
 
 def score(rl, model_cfg, params, tokens, valid, P: int):
@@ -95,7 +100,8 @@ def score(rl, model_cfg, params, tokens, valid, P: int):
     them), in `rl.micro_batches` slices: the old policy of several updates per rollout."""
     stats = lambda x: token_stats(model_cfg, params, x[0], x[1], P, rl.temperature)
     logp, entropy = jax.lax.map(stats, (micro_split(tokens, rl.micro_batches), micro_split(valid, rl.micro_batches)))
-    return logp.reshape(tokens.shape[0], -1), entropy.reshape(tokens.shape[0], -1)
+    unsplit = lambda x: x.swapaxes(0, 1).reshape(tokens.shape[0], -1)  # back to row order
+    return unsplit(logp), unsplit(entropy)
 
 
 def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, key=None):
