@@ -11,23 +11,30 @@ import numpy as np
 class MetricsWriter:
     """Writes `{name: float}` per step to `<run_dir>/tb` and `<run_dir>/metrics.jsonl`.
 
-    On resume from RL step k, RL lines of steps after k (written by the killed run after its last
-    checkpoint) are dropped, and SFT lines unless the SFT result was restored, so the log describes
-    exactly the run that produced the final parameters.
+    On resume from SFT step `sft_step` and RL step `resume_step`, the lines of later steps (written by the
+    killed run after its last checkpoint) are dropped, as is a last line a kill cut in half, so the log
+    describes exactly the run that produced the final parameters: no step missing, none twice.
     """
 
-    def __init__(self, run_dir: str, resume_step: int = 0, keep_sft: bool = False):
+    def __init__(self, run_dir: str, resume_step: int = 0, sft_step: int = 0):
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                rows = [(ln, json.loads(ln)) for ln in f if ln.strip()]
-            kept = [ln for ln, r in rows
-                    if (r["phase"] == "sft" and keep_sft) or (r["phase"] == "rl" and r["step"] <= resume_step)]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+                rows = []
+                for ln in f:
+                    try:
+                        rows.append((ln if ln.endswith("\n") else ln + "\n", json.loads(ln)))
+                    except json.JSONDecodeError:  # the line a kill interrupted
+                        continue
+            limit = {"sft": sft_step, "rl": resume_step}
+            kept = [(ln, r) for ln, r in rows if r["step"] <= limit.get(r["phase"], 0)]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(ln for ln, _ in kept)
+        os.replace(tmp, self.path)
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict, phase: str = "rl") -> None:
@@ -36,6 +43,7 @@ class MetricsWriter:
             self.tb.add_scalar(f"{phase}/{k}", v, step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"phase": phase, "step": step, **clean}) + "\n")
+            f.flush()
 
     def close(self) -> None:
         self.tb.close()
