@@ -11,31 +11,38 @@ import numpy as np
 class MetricsWriter:
     """Writes `{name: float}` per step to `<run_dir>/tb` and `<run_dir>/metrics.jsonl`.
 
-    On resume from SFT step `sft_step` and RL step `resume_step`, the lines of later steps (written by the
-    killed run after its last checkpoint) are dropped, as is a last line a kill cut in half, so the log
-    describes exactly the run that produced the final parameters: no step missing, none twice.
+    A resumed phase calls `resume(phase, step)` with the step of its checkpoint: the lines of that phase's
+    later steps (written by the killed run after its last checkpoint) are dropped, as is a last line a kill
+    cut in half, so the log describes exactly the run that produced the final parameters: no step missing,
+    none twice. A fresh phase calls it with step 0.
     """
 
-    def __init__(self, run_dir: str, resume_step: int = 0, sft_step: int = 0):
+    def __init__(self, run_dir: str):
         from tensorboardX import SummaryWriter
 
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def resume(self, phase: str, step: int) -> None:
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                rows = []
                 for ln in f:
                     try:
-                        rows.append((ln if ln.endswith("\n") else ln + "\n", json.loads(ln)))
+                        r = json.loads(ln)
                     except json.JSONDecodeError:  # the line a kill interrupted
                         continue
-            limit = {"sft": sft_step, "rl": resume_step}
-            kept = [(ln, r) for ln, r in rows if r["step"] <= limit.get(r["phase"], 0)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(ln for ln, _ in kept)
-        os.replace(tmp, self.path)
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+                    if r["phase"] != phase or r["step"] <= step:
+                        kept.append(ln if ln.endswith("\n") else ln + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+        if phase == "rl" and step:
+            from tensorboardX import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
 
     def write(self, step: int, metrics: dict, phase: str = "rl") -> None:
         clean = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
