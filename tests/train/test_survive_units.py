@@ -168,3 +168,58 @@ def test_a_non_finite_step_keeps_params_and_optimizer_state_but_advances_the_ste
     assert float(m["skipped"]) == 1.0 and int(bad["step"]) == 2
     for a, b in zip(jax.tree.leaves((good["params"], good["opt_state"])), jax.tree.leaves((bad["params"], bad["opt_state"]))):
         np.testing.assert_array_equal(a, b)
+
+
+class _FakeCheckpointer:
+    directory = "ckpt/rl"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, data_state=None):
+        self.saved.append((step, data_state))
+
+
+class _FakeIterator:
+    def get_state(self):
+        return {"pos": 1}
+
+
+def _saver(**train):
+    cfg = base_config()
+    for k, v in train.items():
+        cfg.train[k] = v
+    return trainer._Saver(cfg, "rl", 10, _FakeCheckpointer(), trainer._Signals())
+
+
+def test_saver_checkpoints_by_steps_by_time_and_at_the_last_step():
+    import time
+
+    saver = _saver(checkpoint_every=4, checkpoint_every_s=0.0)
+    for step in range(1, 11):
+        saver.end_of_step(step, {}, _FakeIterator())
+    assert [s for s, _ in saver.ckpt.saved] == [4, 8, 10]
+    saver = _saver(checkpoint_every=100, checkpoint_every_s=0.05)
+    saver.end_of_step(1, {}, _FakeIterator())
+    time.sleep(0.06)
+    saver.end_of_step(2, {}, _FakeIterator())
+    assert [s for s, _ in saver.ckpt.saved] == [2]
+
+
+def test_saver_stops_on_a_signal_and_on_too_many_bad_steps_with_a_checkpoint():
+    saver = _saver(checkpoint_every=100)
+    saver.signals.received = "SIGTERM"
+    with pytest.raises(trainer.Preempted, match="after RL step 3; checkpoint ckpt/rl/3 written.*resume=auto"):
+        saver.end_of_step(3, {}, _FakeIterator())
+    assert [s for s, _ in saver.ckpt.saved] == [3]
+    assert trainer.exit_status(trainer.Preempted("x")) == 143
+
+    saver = _saver(checkpoint_every=100, max_bad_steps=2)
+    for step, skipped in ((1, 1.0), (2, 0.0), (3, 1.0)):
+        saver.count(skipped)
+        saver.end_of_step(step, {}, _FakeIterator())
+    saver.count(1.0)
+    with pytest.raises(trainer.TooManyBadSteps, match="2 non-finite RL steps in a row"):
+        saver.end_of_step(4, {}, _FakeIterator())
+    assert saver.ckpt.saved == [(4, {"iterator": {"pos": 1}, "skipped_steps": 3, "bad_in_a_row": 2})]
+    assert trainer.exit_status(trainer.TooManyBadSteps("x")) == trainer.EXIT_BAD_STEPS
