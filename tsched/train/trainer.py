@@ -364,7 +364,7 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
     while step <= cfg.sft.steps:
         b = next(it)
         state, m = step_fn(state, b["prompt"], b["prompt_len"], b["target"], b["target_len"])
-        saver.count(float(m["skipped"]))
+        saver.count(float(m["skipped"]))  # one scalar per step: max_bad_steps counts every step, not logged ones
         if step % cfg.train.log_every == 0 or step == cfg.sft.steps:
             m = {**jax.device_get(m), "skipped_steps": saver.skipped_steps}
             writer.write(step, m, phase="sft")
