@@ -153,8 +153,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.temperature = _follow(c.rl, "temperature")
 
     c.train = ml_collections.ConfigDict()
-    c.train.resume = False
-    c.train.checkpoint_every = 20
+    # `never` (False): an existing run_dir is moved aside and the run starts afresh; `auto` (True): continue
+    # from the run_dir's checkpoints if it has any, else start afresh; `always`: a checkpoint must be there.
+    c.train.resume = "never"
+    c.train.force_resume = False  # resume even if the run_dir was written by a config that changes the result
+    c.train.checkpoint_every = 20  # steps, in SFT and RL; the last step of each is always saved
+    c.train.checkpoint_every_s = 0.0  # also save when this many seconds passed since the last save; 0 = off
+    c.train.max_bad_steps = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     c.train.keep_checkpoints = 2
     c.train.log_every = 5
     c.train.kl_metrics = True  # KL to the initial policy by trajectory percentile (one extra forward pass)
@@ -224,11 +229,12 @@ _RANGES = {
                               "rl.micro_batches", "rl.mini_batches", "rl.epochs", "rl.credit.kappa", "rl.schedule.total_steps",
                               "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
                               "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
-                              "train.keep_checkpoints", "train.log_every")},
-    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "sft.steps", "sft.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
+                              "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
+    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "sft.steps", "sft.warmup_steps", "rl.top_k",
+                                  "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
-                                  "rl.credit.kl_cov_beta")},
+                                  "rl.credit.kl_cov_beta", "train.checkpoint_every_s")},
     **{f: _fraction for f in ("rl.schedule.initial_magnitude", "rl.schedule.min_ratio", "rl.schedule.max_ratio",
                               "rl.credit.d3s_max_drop", "rl.trace.lam")},
     **{f: (lambda v: 0 < v <= 1, "must be in (0, 1]") for f in ("rl.credit.clip_cov_ratio", "rl.credit.kl_cov_ratio",
@@ -243,9 +249,25 @@ for _axis in ("data", "fsdp", "tensor"):
     _RANGES[f"mesh.{_axis}"] = (lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the devices left")
 
 
+RESUME_MODES = ("never", "auto", "always")
+_RESUME_SPELLINGS = {"false": "never", "0": "never", "no": "never", "true": "auto", "1": "auto", "yes": "auto"}
+
+
+def resume_mode(cfg) -> str:
+    """`train.resume` as one of RESUME_MODES. The bool spellings keep their old meaning: `True` (what the
+    launch scripts and sweeps pass) continues when there is a checkpoint and starts afresh otherwise."""
+    value = cfg.train.resume
+    mode = str(value).strip().lower()
+    mode = _RESUME_SPELLINGS.get(mode, mode)
+    if mode not in RESUME_MODES:
+        _fail("train.resume", value, f"must be one of {list(RESUME_MODES)} (or True = auto, False = never)")
+    return mode
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises `ConfigError` for the first invalid field. Reads nothing but the config and the registries
     (and the device count for the mesh, `jax.device_count()` unless given); writes nothing."""
+    resume_mode(cfg)
     for field, names in _registries().items():
         value = _get(cfg, field)
         if field == "data.families":  # a comma-separated subset

@@ -1,8 +1,14 @@
 """Entry point: `python -m tsched.main --config=configs/<exp>.py[:<arg>] [--config.<field>=<value> ...]`.
 
 The last line printed is the path of the run's summary.json. A bad config (unknown field, wrong type,
-value out of range, name not registered, a budget the data does not fit) prints one line naming the
-field to stderr and exits with status 2, before anything is written to the run directory.
+value out of range, name not registered, a budget the data does not fit, a run directory written by a
+different config) prints one line naming the field to stderr and exits with status 2, before anything is
+written to the run directory.
+
+A run that stops early prints one line to stderr and exits with (see `tsched.train.trainer`):
+143 preempted by SIGTERM / SIGINT (a checkpoint of the finished step was written; rerun with
+`--config.train.resume=auto` to continue), 3 too many non-finite steps in a row, 4 a checkpoint could not
+be written (the message names the path).
 """
 
 import sys
@@ -46,7 +52,14 @@ def main(argv):
         validate(_CONFIG.value)
         from tsched.train import trainer
 
-        print(trainer.run(_CONFIG.value))
+        try:
+            print(trainer.run(_CONFIG.value))
+        except Exception as e:  # noqa: BLE001 - only the early stops below are turned into a status
+            status = trainer.exit_status(e)
+            if status is None:
+                raise
+            print(f"tsched: {e}", file=sys.stderr, flush=True)
+            sys.exit(status)
     except ConfigError as e:
         config_error(str(e))
 

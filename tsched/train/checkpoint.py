@@ -3,36 +3,73 @@
 Saved per step as two items: `state` (params, optimizer state, step, rng key data; a pytree) and `data`
 (the grain iterator state, JSON). Restoring uses the abstract tree of a freshly built state, so optimizer
 state namedtuples come back as namedtuples and arrays land with the shardings of that tree.
+
+What survives what:
+- A save killed or failing half-way (SIGKILL, full disk, unwritable directory): Orbax writes a step into
+  `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an unfinished step never carries a
+  plain step name; `complete_steps` also requires the metadata files of a finished save. A failed save
+  raises `CheckpointError` naming the path; the previous checkpoints are untouched (Orbax deletes old
+  steps only after a successful save).
+- A truncated or corrupt step: `restore_latest` reports it, moves it aside (to
+  `<directory>.corrupt/<step>-<time>`, never deleted) and falls back to the step before it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the path."""
+
+
+def complete_steps(directory) -> list[int]:
+    """The steps under `directory` whose save finished (sorted); reads only directory listings, creates nothing.
+
+    Incomplete saves are Orbax's temporary directories (`<step>.orbax-checkpoint-tmp-*`, never a plain
+    number) or, on file systems without atomic rename, step directories lacking the metadata Orbax writes
+    last."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / "state" / "_METADATA").is_file())
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 2):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
-                                               # Synchronous: the next step donates the state buffers.
-                                               enable_async_checkpointing=False)
+    def __init__(self, directory, keep: int = 2):
         # Orbax needs absolute paths; run_dir is usually relative to where the user launched (gs:// and
         # other object-store paths are absolute already).
         directory = str(directory)
-        self.manager = ocp.CheckpointManager(directory if "://" in directory else os.path.abspath(directory),
-                                             options=options)
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
+                                               # Synchronous: the next step donates the state buffers.
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
 
     def save(self, step: int, state, data_state: dict | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
+        path = self.directory / str(step)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - full disk, permissions, ... all end the run the same way
+            raise CheckpointError(f"could not write checkpoint {path}: {type(e).__name__}: {e}; "
+                                  f"the previous checkpoint ({self.latest_step()}) is intact") from e
+        if step not in complete_steps(self.directory):
+            raise CheckpointError(f"could not write checkpoint {path}: the save returned but left no complete step")
 
     def restore(self, step: int, like_state, with_data: bool = True):
         """-> (state, data_state or None); `like_state` is a concrete or abstract tree of the same structure."""
@@ -41,7 +78,27 @@ class Checkpointer:
         if with_data:
             items["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if "step" in out["state"] and int(out["state"]["step"]) != step:
+            raise ValueError(f"the state in checkpoint {step} has step counter {int(out['state']['step'])}")
         return out["state"], (out["data"] if with_data else None)
+
+    def restore_latest(self, like_state, with_data: bool = True):
+        """-> (step, state, data_state) of the newest step that restores, or None if none does.
+
+        A step that fails to restore is reported on stderr and moved aside, and the one before is tried."""
+        while (step := self.latest_step()) is not None:
+            try:
+                return (step, *self.restore(step, like_state, with_data))
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
+                bad = self.directory / str(step)
+                aside = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                bad.rename(aside)
+                print(f"tsched: checkpoint {bad} is unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); moved it to {aside} "
+                      f"and trying the previous one", file=sys.stderr, flush=True)
+                self.manager.reload()
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

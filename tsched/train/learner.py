@@ -71,6 +71,21 @@ def _apply(tx, state, grads):
             "step": state["step"] + 1}
 
 
+def skip_if_not_finite(state, new_state, metrics):
+    """Keeps `state`'s parameters and optimizer state when the step's loss or gradient norm is not finite.
+
+    Decided inside the jitted step (a select on a traced flag, no host round-trip). The step counter
+    advances either way, so the data order, sampling keys and schedule of the following steps stay those
+    of a run without the bad step. `metrics['skipped']` is 1.0 for a skipped step, else 0.0.
+    """
+    ok = jnp.isfinite(metrics["loss"] if "loss" in metrics else metrics["sft_loss"]) & jnp.isfinite(
+        metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    guarded = {**new_state, "params": keep(new_state["params"], state["params"]),
+               "opt_state": keep(new_state["opt_state"], state["opt_state"])}
+    return guarded, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
+
+
 def make_sft_step(model_cfg, tx):
     """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens)."""
 
@@ -83,7 +98,8 @@ def make_sft_step(model_cfg, tx):
             return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        return _apply(tx, state, grads), {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
+        return skip_if_not_finite(state, _apply(tx, state, grads), metrics)
 
     return sft_step
 
@@ -193,7 +209,7 @@ def make_rl_step(cfg, model_cfg, tx):
             "reward": jnp.mean(rewards), "zero_var_groups": zero_var,
             "response_len": jnp.mean(lengths.astype(jnp.float32)),
         })
-        return new_state, metrics
+        return skip_if_not_finite(state, new_state, metrics)
 
     return rl_step
 

@@ -15,31 +15,51 @@ def is_local(path) -> bool:
 class MetricsWriter:
     """Writes `{name: float}` per step to `<run_dir>/tb` and `<run_dir>/metrics.jsonl`.
 
-    On resume from RL step k, RL lines of steps after k (written by the killed run after its last
-    checkpoint) are dropped, and SFT lines unless the SFT result was restored, so the log describes
-    exactly the run that produced the final parameters. run_dir may be local or an object store
-    (gs://, through etils.epath): object stores have no append, so there the JSONL file is rewritten
-    at `flush()` (the trainer's log intervals and `close()`) rather than appended to per line.
+    A resumed phase calls `resume(phase, step)` with the step of its checkpoint: the lines of that phase's
+    later steps (written by the killed run after its last checkpoint) are dropped, as is a last line a kill
+    cut in half, so the log describes exactly the run that produced the final parameters: no step missing,
+    none twice. A fresh phase calls it with step 0.
+
+    run_dir may be local or an object store (gs://, through etils.epath). Object stores have no append:
+    there the JSONL file is rewritten at `flush()` (the trainer's log intervals, `close()`) instead of
+    appended to per line.
     """
 
-    def __init__(self, run_dir, resume_step: int = 0, keep_sft: bool = False):
+    def __init__(self, run_dir):
         from tensorboardX import SummaryWriter
 
-        self.path = epath.Path(run_dir) / "metrics.jsonl"
-        self._lines = []
-        if self.path.exists():
-            rows = [(ln + "\n", json.loads(ln)) for ln in self.path.read_text().splitlines() if ln.strip()]
-            self._lines = [ln for ln, r in rows
-                           if (r["phase"] == "sft" and keep_sft) or (r["phase"] == "rl" and r["step"] <= resume_step)]
-        self.path.write_text("".join(self._lines))  # the kept history (empty for a fresh run)
-        self.tb = SummaryWriter(str(epath.Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.run_dir = epath.Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        self._lines = self._read()
+
+    def _read(self) -> list[str]:
+        lines = []
+        for ln in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                lines.append((json.loads(ln), ln + "\n"))
+            except json.JSONDecodeError:  # the line a kill interrupted
+                continue
+        return lines
+
+    def resume(self, phase: str, step: int) -> None:
+        self._lines = [(r, ln) for r, ln in self._read() if r["phase"] != phase or r["step"] <= step]
+        tmp = epath.Path(f"{self.path}.tmp")  # a kill leaves the old file or the new one
+        tmp.write_text("".join(ln for _, ln in self._lines))
+        tmp.replace(self.path)
+        if phase == "rl" and step:
+            from tensorboardX import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
 
     def write(self, step: int, metrics: dict, phase: str = "rl") -> None:
         clean = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         for k, v in clean.items():
             self.tb.add_scalar(f"{phase}/{k}", v, step)
-        line = json.dumps({"phase": phase, "step": step, **clean}) + "\n"
-        self._lines.append(line)
+        row = {"phase": phase, "step": step, **clean}
+        line = json.dumps(row) + "\n"
+        self._lines.append((row, line))
         if is_local(self.path):
             with self.path.open("a") as f:
                 f.write(line)
@@ -47,7 +67,7 @@ class MetricsWriter:
     def flush(self) -> None:
         """On an object store, rewrites the file with every line so far (local files are appended per line)."""
         if not is_local(self.path):
-            self.path.write_text("".join(self._lines))
+            self.path.write_text("".join(ln for _, ln in self._lines))
         self.tb.flush()
 
     def close(self) -> None:
@@ -62,7 +82,7 @@ def summary_line(step: int, total: int, m: dict) -> str:
             f"update {m['update_s']:.2f}s")
 
 
-def plot_curves(jsonl_path, png_path) -> None:
+def plot_curves(jsonl_path: str, png_path: str) -> None:
     """Reward, schedule magnitude, entropy by stage and optimized-token fraction over RL steps."""
     import io
 

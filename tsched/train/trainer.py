@@ -1,16 +1,36 @@
 """The RLVR run: data and tokenizer, SFT warm start, evaluation, scheduled RL, evaluation, summary.
 
-Resume order (`train.resume=True` on the same run_dir): the tokenizer and dataset are found in the data
-cache (`config.data_dir`); the SFT result is restored from `ckpt/sft` (it is also the reference policy); the RL state, RNG key and data
-iterator state from the latest `ckpt/rl` step; RL continues at the next step with the same batches and
-the same per-step sampling keys (`fold_in(key, step)`), so the result equals an uninterrupted run.
-Without resume, an existing run_dir is moved aside (never deleted) and the run starts afresh.
+Resume order (`train.resume=auto` or `True` on the same run_dir, with a checkpoint in it): the run_dir's
+`config.json` is compared with the config (fields that change the result must match unless
+`train.force_resume`); the tokenizer and dataset are found in the data cache (`config.data_dir`); SFT
+state and its data iterator state come from the latest `ckpt/sft` step (SFT continues if it was not
+finished; its final parameters are also the reference policy); the evaluation before RL from
+`eval_before_rl.json`; the RL state, RNG key and data iterator state from the latest `ckpt/rl` step. Each
+phase continues at the step after its checkpoint with the same batches and the same per-step keys
+(`fold_in(key, step)`), and `metrics.jsonl` drops the lines of steps after it, so parameters and log equal
+an uninterrupted run's. A step that does not restore is moved aside and the one before it is used.
+Without resume (`never`), an existing run_dir is moved aside (never deleted) and the run starts afresh.
+
+Stopping (tsched.main turns each into one line on stderr and an exit status):
+- SIGTERM / SIGINT: inside SFT or RL the current step finishes, a checkpoint is written and `Preempted`
+  is raised (exit status EXIT_PREEMPTED = 143); elsewhere (setup, evaluation) everything done so far is
+  on disk already and it is raised at once. A second signal exits at once.
+- `train.max_bad_steps` non-finite steps in a row (each skipped inside the jitted step, see
+  `learner.skip_if_not_finite`): checkpoint, `TooManyBadSteps` (EXIT_BAD_STEPS = 3).
+- A checkpoint that cannot be written: `checkpoint.CheckpointError` naming the path (EXIT_CHECKPOINT = 4);
+  the previous checkpoints stay.
+
+With the environment variable TSCHED_TRACE_EVENTS=1 the run prints `tsched-event: <name> [<step>]` lines
+on stderr at phase boundaries, steps and saves: the fault-injection tests kill the run at such moments.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -21,36 +41,218 @@ from tqdm import tqdm
 from tsched import eval as eval_lib
 from tsched import model as model_lib
 from tsched import rollout, sharding
-from tsched.config import validate
+from tsched.config import ConfigError, resume_mode, validate
 from tsched.data import pipeline, tokenizer as tok_lib
 from tsched.rl import schedules
 from tsched.sampling.sampler import SamplingConfig
 from tsched.train import learner
-from tsched.train.checkpoint import Checkpointer
+from tsched.train.checkpoint import Checkpointer, CheckpointError, complete_steps
 from tsched.train.metrics import MetricsWriter, plot_curves, summary_line
 from tsched.verify.pool import VerifierPool
 
 
-def _prepare_run_dir(cfg) -> epath.Path:
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on SIGTERM
+EXIT_BAD_STEPS = 3
+EXIT_CHECKPOINT = 4
+RESUME_HINT = "rerun the same command with --config.train.resume=auto to continue"
+
+
+class RunStopped(Exception):
+    """The run stopped early on purpose; `exit_status` is what tsched.main exits with."""
+
+    exit_status = 1
+
+
+class Preempted(RunStopped):
+    exit_status = EXIT_PREEMPTED
+
+
+class TooManyBadSteps(RunStopped):
+    exit_status = EXIT_BAD_STEPS
+
+
+def exit_status(e: BaseException) -> int | None:
+    """The exit status for an exception that ends a run on purpose (None: not one of those)."""
+    if isinstance(e, RunStopped):
+        return e.exit_status
+    if isinstance(e, CheckpointError):
+        return EXIT_CHECKPOINT
+    return None
+
+
+def _event(name: str, *args) -> None:
+    """A phase event for the fault-injection tests (only with TSCHED_TRACE_EVENTS=1)."""
+    if os.environ.get("TSCHED_TRACE_EVENTS"):
+        print(" ".join(["tsched-event:", name, *map(str, args)]), file=sys.stderr, flush=True)
+
+
+class _Signals:
+    """SIGTERM / SIGINT handling for the duration of a run (main thread only; elsewhere a no-op).
+
+    While `deferred` (inside a step loop) the first signal is only recorded: the loop finishes its step,
+    checkpoints and raises `Preempted`. Outside (setup, evaluation: what is done is on disk) it raises
+    `Preempted` at once. A second signal exits the process at once.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self.deferred = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received:
+            print(f"tsched: second signal ({name}): exiting at once; {RESUME_HINT} from the last checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_PREEMPTED)
+        self.received = name
+        if self.deferred:
+            print(f"tsched: {name}: finishing the current step, then writing a checkpoint "
+                  f"(send it again to exit at once)", file=sys.stderr, flush=True)
+        else:
+            raise Preempted(f"stopped by {name} outside a training step (what was done is on disk); {RESUME_HINT}")
+
+
+# Fields that may differ between a run_dir's config.json and the config resuming it: where things are,
+# how often to log and checkpoint, the mesh, the verifier pool's size. Everything else changes the result.
+_RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size")
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _config_differences(cfg, path: str) -> list[str]:
+    """`field: old -> new` for the result-changing fields where `cfg` differs from the config.json at path."""
+    old = _flat(json.loads(epath.Path(path).read_text()))
+    new = _flat(json.loads(cfg.to_json_best_effort()))
+    missing = "(absent)"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in sorted(set(old) | set(new))
+            if not k.startswith(_RESUME_FREE) and old.get(k, missing) != new.get(k, missing)]
+
+
+def _checkpoint_dirs(run_dir) -> dict:
+    return {phase: epath.Path(run_dir) / "ckpt" / phase for phase in ("sft", "rl")}
+
+
+def _resolve_resume(cfg) -> bool:
+    """Whether this run continues the run_dir's checkpoints; raises ConfigError (before any write) when it
+    must not: `always` without a checkpoint, or a run_dir written by a config that changes the result."""
+    mode = resume_mode(cfg)
+    has_checkpoint = any(complete_steps(d) for d in _checkpoint_dirs(cfg.run_dir).values())
+    if mode == "always" and not has_checkpoint:
+        raise ConfigError(f"config field 'train.resume' = 'always': no checkpoint in {cfg.run_dir} "
+                          f"(use auto to start afresh when there is none)")
+    if mode == "never" or not has_checkpoint:
+        return False
+    path = epath.Path(cfg.run_dir) / "config.json"
+    diffs = _config_differences(cfg, path) if path.exists() else []
+    if diffs and not cfg.train.force_resume:
+        raise ConfigError(f"config field 'train.resume' = {cfg.train.resume!r}: {cfg.run_dir} was written by a "
+                          f"different config ({'; '.join(diffs)}); set train.force_resume=True to resume it "
+                          f"anyway, or train.resume=never to move it aside and start afresh")
+    if diffs:
+        print(f"train.force_resume: resuming {cfg.run_dir} despite config differences: {'; '.join(diffs)}")
+    return True
+
+
+def _write_atomically(path, text: str) -> None:
+    """A kill leaves either the old file or the new one, never half of it (local or object store)."""
+    tmp = epath.Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _prepare_run_dir(cfg, resuming: bool) -> epath.Path:
     """The run directory (a local path or e.g. gs://), created; an earlier run there is moved aside."""
     run_dir = epath.Path(cfg.run_dir)
-    if run_dir.is_dir() and not cfg.train.resume and any(run_dir.iterdir()):
+    if run_dir.is_dir() and resume_mode(cfg) == "never" and any(run_dir.iterdir()):
         aside = run_dir.parent / f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.rename(aside)
-        print(f"run_dir {cfg.run_dir} existed and train.resume=False: moved it to {aside}")
+        print(f"run_dir {cfg.run_dir} existed and train.resume=never: moved it to {aside}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    _write_atomically(run_dir / "config.json", cfg.to_json_best_effort(indent=2))
     return run_dir
+
+
+class _Saver:
+    """When to checkpoint inside a step loop, and the end of a step: save if due (every
+    `train.checkpoint_every` steps, every `train.checkpoint_every_s` seconds, the last step), or when a
+    signal or too many bad steps stop the run, which then raises."""
+
+    def __init__(self, cfg, phase: str, last: int, ckpt: Checkpointer, signals: _Signals):
+        self.cfg, self.phase, self.last, self.ckpt, self.signals = cfg, phase, last, ckpt, signals
+        self.t_saved = time.monotonic()
+        self.skipped_steps = 0  # non-finite steps skipped so far (restored from the checkpoint)
+        self.bad_in_a_row = 0
+
+    def data_state(self, it) -> dict:
+        return {"iterator": it.get_state(), "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row}
+
+    def restore_counts(self, data: dict) -> dict:
+        """-> the iterator state of a saved data item (older checkpoints held only that)."""
+        if "iterator" not in data:
+            return data
+        self.skipped_steps, self.bad_in_a_row = int(data["skipped_steps"]), int(data["bad_in_a_row"])
+        return data["iterator"]
+
+    def count(self, skipped: float) -> None:
+        self.skipped_steps += int(skipped > 0)
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped > 0 else 0
+
+    def end_of_step(self, step: int, state, it) -> None:
+        every_s = self.cfg.train.checkpoint_every_s
+        too_many = self.bad_in_a_row >= self.cfg.train.max_bad_steps
+        due = (step % self.cfg.train.checkpoint_every == 0 or step == self.last
+               or (every_s > 0 and time.monotonic() - self.t_saved >= every_s))
+        where = epath.Path(self.ckpt.directory) / str(step)
+        if due or too_many or self.signals.received:
+            _event(f"{self.phase}_save_start", step)
+            self.ckpt.save(step, state, self.data_state(it))
+            self.t_saved = time.monotonic()
+            _event(f"{self.phase}_save_end", step)
+        if too_many:
+            raise TooManyBadSteps(
+                f"{self.bad_in_a_row} non-finite {self.phase.upper()} steps in a row (train.max_bad_steps = "
+                f"{self.cfg.train.max_bad_steps}), the last at step {step}: stopped; {where} holds the last good "
+                f"parameters (skipped steps leave them unchanged). Lower the learning rate or check the data, then "
+                f"resume with --config.train.resume=auto")
+        if self.signals.received:
+            raise Preempted(f"stopped by {self.signals.received} after {self.phase.upper()} step {step}; "
+                            f"checkpoint {where} written; {RESUME_HINT}")
 
 
 def run(cfg) -> str:
     """Runs the configured experiment; returns the path of its summary.json.
 
-    Order: everything that can reject the config (validation, the token budgets of the data) comes
-    before anything is written to the run directory.
+    Order: everything that can reject the config (validation, the token budgets of the data, a run_dir
+    it must not resume) comes before anything is written to the run directory. Raises `RunStopped` or
+    `CheckpointError` when the run stops early (see the module docstring).
     """
     t_start = time.time()
     validate(cfg)
+    with _Signals() as signals:
+        return _run(cfg, t_start, signals)
+
+
+def _run(cfg, t_start, signals) -> str:
+    _event("start")
 
     # ---- Data and tokenizer (cached outside the run directory, see config.data_dir)
     splits = pipeline.open_splits(cfg)
@@ -59,7 +261,8 @@ def run(cfg) -> str:
     P = cfg.data.prompt_len
     budgets = pipeline.check_budgets(splits.values(), tok, P, cfg.data.max_solution_tokens)
 
-    run_dir = _prepare_run_dir(cfg)
+    resuming = _resolve_resume(cfg)
+    run_dir = _prepare_run_dir(cfg, resuming)
     model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
     eval_batches = pipeline.eval_batches(splits["eval"], pipeline.Encode(tok.path, P), cfg.eval.num_problems,
                                          cfg.eval.batch_size)
@@ -75,37 +278,38 @@ def run(cfg) -> str:
           f"longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
           f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}")
 
-    sft_ckpt = Checkpointer(run_dir / "ckpt" / "sft", keep=1)
-    rl_ckpt = Checkpointer(run_dir / "ckpt" / "rl", keep=cfg.train.keep_checkpoints)
-    resume_sft = cfg.train.resume and sft_ckpt.latest_step() is not None
-    resume_rl = (rl_ckpt.latest_step() or 0) if cfg.train.resume else 0
-    writer = MetricsWriter(run_dir, resume_step=resume_rl, keep_sft=resume_sft)
+    dirs = _checkpoint_dirs(run_dir)
+    sft_ckpt = Checkpointer(dirs["sft"], keep=cfg.train.keep_checkpoints)
+    rl_ckpt = Checkpointer(dirs["rl"], keep=cfg.train.keep_checkpoints)
+    writer = MetricsWriter(run_dir)
     eval_key = jax.random.fold_in(key, 1)
+    _event("setup_done")
 
     with VerifierPool(cfg.verify.num_workers, cfg.verify.timeout_s, cfg.verify.memory_mb,
                       cfg.verify.max_chars) as pool:
         # ---- SFT warm start (its result is also the reference policy for KL)
-        if resume_sft:
-            params, _ = sft_ckpt.restore(sft_ckpt.latest_step(), params, with_data=False)
-        else:
-            params = _sft(cfg, model_cfg, params, splits["train"], tok, writer)
-            sft_ckpt.save(cfg.sft.steps, params)
+        params, sft_was_done = _sft(cfg, model_cfg, params, splits["train"], tok, writer, sft_ckpt, signals,
+                                    resuming)
 
         # ---- Evaluation before RL (kept on disk so a resumed run reports it too)
         before_path = run_dir / "eval_before_rl.json"
-        if cfg.train.resume and before_path.exists():
+        if resuming and sft_was_done and before_path.exists():
             before = json.loads(before_path.read_text())
         else:
+            _event("eval_before_start")
             before = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
-            before_path.write_text(json.dumps(before, indent=2))
+            _write_atomically(before_path, json.dumps(before, indent=2))
+            _event("eval_before_end")
         print(f"eval before RL: avg@{cfg.eval.samples} {before['sampled']['accuracy']:.3f}, "
               f"greedy {before['greedy']['accuracy']:.3f}")
 
         # ---- RL
-        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key)
+        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key, signals, resuming)
 
         # ---- Evaluation after RL
+        _event("eval_after_start")
         after = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
+        _event("eval_after_end")
         print(f"eval after RL: avg@{cfg.eval.samples} {after['sampled']['accuracy']:.3f}, "
               f"greedy {after['greedy']['accuracy']:.3f}")
     writer.close()
@@ -129,36 +333,61 @@ def run(cfg) -> str:
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
+    _write_atomically(path, json.dumps(summary, indent=2))
+    _event("done")
     return str(path)
 
 
-def _sft(cfg, model_cfg, params, train_source, tok, writer):
-    """Supervised warm start on the reference solutions."""
+def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resuming):
+    """Supervised warm start on the reference solutions, checkpointed like RL (state and data iterator).
+
+    -> (parameters, whether a finished SFT was restored)."""
     if cfg.sft.steps == 0:
-        return params
+        return params, True
     tx = learner.make_optimizer(cfg.sft.lr, 1.0, cfg.sft.warmup_steps, cfg.sft.steps)
     state = learner.init_state(params, tx)
     step_fn = learner.make_sft_step(model_cfg, tx)
     encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
     it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
-    bar = tqdm(range(1, cfg.sft.steps + 1), desc="SFT", disable=not cfg.train.progress, dynamic_ncols=True)
-    for step in bar:
+    saver = _Saver(cfg, "sft", cfg.sft.steps, ckpt, signals)
+    restored = ckpt.restore_latest(state) if resuming else None
+    if restored:
+        _, state, data_state = restored
+        it.set_state(saver.restore_counts(data_state))
+    step = int(state["step"]) + 1
+    writer.resume("sft", step - 1)
+    if step > cfg.sft.steps:
+        return state["params"], True
+    if restored:
+        print(f"resumed SFT at step {step - 1}")
+    bar = tqdm(total=cfg.sft.steps, initial=step - 1, desc="SFT", disable=not cfg.train.progress,
+               dynamic_ncols=True)
+    signals.deferred = True
+    while step <= cfg.sft.steps:
         b = next(it)
         state, m = step_fn(state, b["prompt"], b["prompt_len"], b["target"], b["target_len"])
+        saver.count(float(m["skipped"]))  # one scalar per step: max_bad_steps counts every step, not logged ones
         if step % cfg.train.log_every == 0 or step == cfg.sft.steps:
-            m = jax.device_get(m)
+            m = {**jax.device_get(m), "skipped_steps": saver.skipped_steps}
             writer.write(step, m, phase="sft")
             bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
-    return state["params"]
+        bar.update(1)
+        _event("sft_step", step)
+        saver.end_of_step(step, state, it)
+        step += 1
+    signals.deferred = False
+    bar.close()
+    return state["params"], False
 
 
-def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
-    """Scheduled RL; checkpoints every `train.checkpoint_every` steps and at the end.
+def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, signals, resuming):
+    """Scheduled RL; checkpoints every `train.checkpoint_every` steps (and `checkpoint_every_s` seconds)
+    and at the end.
 
     The step number of each iteration is read from the train state (`state['step'] + 1`), the counter
     the jitted update computes its schedule from: sampling keys, the prompt transform, logs and
-    checkpoints all use that one number.
+    checkpoints all use that one number. A non-finite step is skipped inside the update but still
+    advances the counter (see `learner.skip_if_not_finite`).
     """
     rl = cfg.rl
     encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
@@ -171,13 +400,17 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
     state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.fold_in(key, 2))
     rl_step = learner.make_rl_step(cfg, model_cfg, tx)
     it = iter(pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2))
-    if cfg.train.resume and ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(ckpt.latest_step(), state)
-        it.set_state(data_state)
+    saver = _Saver(cfg, "rl", rl.steps, ckpt, signals)
+    restored = ckpt.restore_latest(state) if resuming else None
+    if restored:
+        _, state, data_state = restored
+        it.set_state(saver.restore_counts(data_state))
         print(f"resumed RL at step {int(state['step'])}")
+    writer.resume("rl", int(state["step"]))
 
     bar = tqdm(total=rl.steps, initial=int(state["step"]), desc="RL", disable=not cfg.train.progress,
                dynamic_ncols=True)
+    signals.deferred = True
     while (step := int(state["step"]) + 1) <= rl.steps:
         r = float(schedules.magnitude(step, rl.schedule))
         sample_key, _ = learner.step_keys(state["rng"], step)
@@ -185,13 +418,15 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key):
         t0 = time.perf_counter()
         state, m = rl_step(state, ref_params, ro.learner_batch())
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
-        writer.write(step, m)
+        saver.count(m["skipped"])
+        writer.write(step, {**m, "skipped_steps": saver.skipped_steps})
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
         if step % cfg.train.log_every == 0 or step == rl.steps:
             tqdm.write(summary_line(step, rl.steps, m))
             writer.flush()
-        if step % cfg.train.checkpoint_every == 0 or step == rl.steps:
-            ckpt.save(step, state, it.get_state())
+        _event("rl_step", step)
+        saver.end_of_step(step, state, it)
+    signals.deferred = False
     bar.close()
     return state["params"]

@@ -20,7 +20,10 @@ def main() -> None:
     if memory_mb > 0:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which shuts us down
+    # Ctrl-C, or a preemption's SIGTERM sent to the whole process group, goes to the trainer: it finishes
+    # its step (which needs us) and shuts us down; we exit on our own when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     import importlib
 
