@@ -102,3 +102,21 @@ def test_pass_k_and_eval_every():
     c.eval.pass_k = "1"
     c.eval.every = -1
     check(c, "eval.every")
+
+
+def test_qwen3_math_config_takes_the_checkpoint_and_files_from_flags(ckpt_dir):
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("qwen3_math", os.path.join(root, "configs", "qwen3_math.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    check(c, "data.train_files")
+    c.data.train_files, c.data.eval_files = "train.jsonl", "math500=m.jsonl;gsm8k=g.jsonl"
+    c.model.init_from = str(ckpt_dir)
+    validate(c, num_devices=1)
+    assert config.sft_steps(c) == 0 and (c.rl.lr, c.rl.group_size, c.rl.temperature) == (1e-6, 8, 1.2)
+    assert (c.data.template, c.data.verifier, c.rl.credit.strategy, c.rl.schedule.mode) == ("boxed", "math", "tp",
+                                                                                             "linear")

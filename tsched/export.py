@@ -26,8 +26,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def export_hf(out_dir: str, model_cfg, params, tok) -> str:
-    """Writes the HF directory `out_dir` for `params` and tokenizer `tok`; returns `out_dir`."""
+def export_hf(out_dir: str, model_cfg, params, tok, init_from: str = "") -> str:
+    """Writes the HF directory `out_dir` for `params` and tokenizer `tok`; returns `out_dir`.
+
+    With `init_from` (the checkpoint the run started from), its config.json entries that tsched does
+    not write (max_position_embeddings, bos_token_id, ...) are kept; the weights' dtype is float32."""
     import jax
     import numpy as np
 
@@ -59,6 +62,15 @@ def export_hf(out_dir: str, model_cfg, params, tok) -> str:
         json.dump(gen, f, indent=2)
     config_path = os.path.join(out_dir, "config.json")
     hf = json.load(open(config_path))
+    base_path = os.path.join(init_from, "config.json") if init_from else ""
+    if base_path and os.path.isfile(base_path):
+        base = json.load(open(base_path))
+        if "max_position_embeddings" in base:  # tsched writes a placeholder
+            hf.pop("max_position_embeddings")
+        hf = {**base, **hf}
+        hf.pop("rope_parameters", None) if "rope_scaling" in hf or "rope_theta" in hf else None
+        if "dtype" in hf:
+            hf["dtype"] = "float32"
     hf.update(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     with open(config_path, "w") as f:
         json.dump(hf, f, indent=2)

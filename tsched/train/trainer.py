@@ -129,7 +129,7 @@ def run(cfg) -> str:
 
     # ---- Export (train.export_hf): the final policy as a Hugging Face directory
     if cfg.train.export_hf:
-        print(f"exported the final policy to {export_lib.export_hf(os.path.join(run_dir, 'hf'), model_cfg, params, tok)}")
+        print(f"exported the final policy to {export_lib.export_hf(os.path.join(run_dir, 'hf'), model_cfg, params, tok, cfg.model.init_from)}")
     writer.close()
     sft_ckpt.close()
     rl_ckpt.close()
