@@ -179,7 +179,7 @@ def run_eval(cfg, checkpoint: str, out_dir: str = "") -> str:
     splits = pipeline.open_splits(cfg)
     encode = pipeline.encoder(cfg, tok)
     pipeline.check_budgets(splits["eval_sets"].values(), tok, cfg.data.prompt_len, cfg.data.max_solution_tokens,
-                           encode.prompt_text)
+                           encode)
     sets = {name: pipeline.eval_batches(src, encode, cfg.eval.num_problems, cfg.eval.batch_size)
             for name, src in splits["eval_sets"].items()}
     with VerifierPool(cfg.verify.num_workers, cfg.verify.timeout_s, cfg.verify.memory_mb, cfg.verify.max_chars) as pool:

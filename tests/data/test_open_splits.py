@@ -43,10 +43,10 @@ def test_templates_render_before_tokenizing_and_count_in_the_budget(cfg, tmp_pat
         out = enc.map(splits["train"][0])
         assert list(out["prompt"][-out["prompt_len"]:]) == tok.encode(text)
     n = len(tok.encode(f"Q: {problem} A:"))
-    longest = pipeline.check_budgets([splits["train"]], tok, 64, 64, enc.prompt_text)["max_prompt_tokens"]
+    longest = pipeline.check_budgets([splits["train"]], tok, 64, 64, enc)["max_prompt_tokens"]
     assert longest >= n
     with pytest.raises(ConfigError, match="data.prompt_len"):
-        pipeline.check_budgets([splits["train"]], tok, longest - 1, 64, enc.prompt_text)
+        pipeline.check_budgets([splits["train"]], tok, longest - 1, 64, enc)
 
 
 def test_bad_files_and_missing_solutions_are_config_errors(cfg, tmp_path):

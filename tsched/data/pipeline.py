@@ -69,10 +69,16 @@ class Encode(grain.transforms.Map):
         return templates.render(self.template, problem, self.chat_template or None, self.thinking,
                                 dict(self.special_tokens))
 
+    def prompt_ids(self, problem: str, tok: tok_lib.Tokenizer | None = None) -> list[int]:
+        """The prompt's token ids: a chat template's text holds its own special tokens; other prompts get
+        the tokenizer's (an HF tokenizer's post-processor, e.g. Llama-3's BOS), as transformers encodes them."""
+        tok = tok or _tokenizer(self.tokenizer_path)
+        return tok.encode(self.prompt_text(problem), add_special_tokens=self.template != "chat")
+
     def map(self, record):
         tok = _tokenizer(self.tokenizer_path)
         r = tfds_builder.decode(record)
-        prompt = tok.encode(self.prompt_text(r["problem"]))
+        prompt = self.prompt_ids(r["problem"], tok)
         out = {"prompt": left_pad(prompt, self.prompt_len, tok.pad_id), "prompt_len": np.int32(len(prompt)),
                "answer": r["answer"], "verifier": r["verifier"], "family": r["family"],
                "difficulty": np.int32(r["difficulty"])}
@@ -159,10 +165,10 @@ def tokenizer_cache_path(cfg) -> str:
     return os.path.join(config_lib.data_dir(cfg), "tokenizers", name)
 
 
-def check_budgets(sources, tok: tok_lib.Tokenizer, prompt_len: int, solution_len: int,
-                  render=lambda problem: problem) -> dict:
-    """Token counts of every prompt (the problem as `render` makes it a prompt, e.g.
-    `Encode.prompt_text`) and reference solution against the static budgets.
+def check_budgets(sources, tok: tok_lib.Tokenizer, prompt_len: int, solution_len: int, encode: Encode | None = None
+                  ) -> dict:
+    """Token counts of every prompt (`encode.prompt_ids`: the rendered template; the bare problem without
+    `encode`) and reference solution against the static budgets.
 
     Raises `ConfigError` naming `data.prompt_len` if a prompt does not fit (it could not be sampled).
     Returns {'max_prompt_tokens', 'solutions_cut'}: the fraction of solutions (with EOS) longer than
@@ -172,7 +178,8 @@ def check_budgets(sources, tok: tok_lib.Tokenizer, prompt_len: int, solution_len
     for source in sources:
         for i in range(len(source)):
             r = tfds_builder.decode(source[i])
-            longest = max(longest, len(tok.encode(render(r["problem"]))))
+            prompt = encode.prompt_ids(r["problem"], tok) if encode else tok.encode(r["problem"])
+            longest = max(longest, len(prompt))
             cut += len(tok.encode(r["solution"])) + 1 > solution_len
             n += 1
     if longest > prompt_len:

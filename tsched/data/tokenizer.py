@@ -31,7 +31,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (sentencepiece models here add no special tokens either way)."""
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -81,8 +82,11 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special-token text (`<|im_start|>`) maps to its id either way, and
+        `add_special_tokens` applies the tokenizer's post-processor (Llama-3's BOS), as transformers does
+        for a plain prompt (a rendered chat template already holds its BOS)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

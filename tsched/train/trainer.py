@@ -65,7 +65,7 @@ def run(cfg) -> str:
     P = cfg.data.prompt_len
     encode = pipeline.encoder(cfg, tok)
     budgets = pipeline.check_budgets([splits["train"], *splits["eval_sets"].values()], tok, P,
-                                     cfg.data.max_solution_tokens, encode.prompt_text)
+                                     cfg.data.max_solution_tokens, encode)
 
     _prepare_run_dir(cfg)
     run_dir = cfg.run_dir
