@@ -42,7 +42,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def sampling_configs(cfg, tok) -> dict[str, SamplingConfig]:
     """{'greedy', 'sampled'} sampling settings of the configured evaluation."""
-    base = SamplingConfig(max_new_tokens=cfg.rl.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
+    stops = getattr(tok, "stop_ids", (tok.eos_id,))  # every end id of a checkpoint's tokenizer
+    base = SamplingConfig(max_new_tokens=cfg.rl.max_new_tokens, eos_id=stops, pad_id=tok.pad_id,
                           temperature=0.0)
     return {"greedy": base,
             "sampled": dataclasses.replace(base, temperature=cfg.eval.temperature, top_p=cfg.rl.top_p,

@@ -15,15 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.slow
 
 DATA = {"families": "gcd,sort", "train-size": 2000, "eval-size": 100, "seed": 0, "min-difficulty": 1,
-        "max-difficulty": 3}
-COMMON = {"eval.num_problems": 100, "eval.batch_size": 100, "eval.samples": 4, "verify.num_workers": 1,
-          "train.progress": False, "train.log_every": 10, "train.kl_metrics": False, "train.checkpoint_every": 100}
+        "max-difficulty": 2}
+COMMON = {"data.max_difficulty": DATA["max-difficulty"], "data.prompt_len": 20, "data.max_solution_tokens": 48,
+          "rl.max_new_tokens": 48, "rl.prompts_per_step": 8, "rl.group_size": 8, "eval.num_problems": 100,
+          "eval.batch_size": 100, "eval.samples": 4, "verify.num_workers": 1, "train.progress": False,
+          "train.log_every": 10, "train.kl_metrics": False, "train.checkpoint_every": 100}
 
 
 def main(**overrides):
     cmd = [sys.executable, "-m", "tsched.main", "--config=configs/default.py",
            *(f"--config.{k}={v}" for k, v in {**COMMON, **overrides}.items())]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.load(open(out.stdout.strip().splitlines()[-1]))
 
@@ -31,7 +33,8 @@ def main(**overrides):
 def test_sft_export_then_rl_from_the_export_on_jsonl_raises_accuracy(tmp_path):
     # ---- SFT on the built-in tasks (one RL step at a negligible rate: the run's job is the export)
     main(**{"run_dir": tmp_path / "sft", "data.data_dir": tmp_path / "data", "data.families": DATA["families"],
-            "data.train_size": DATA["train-size"], "data.eval_size": DATA["eval-size"], "sft.steps": 300,
+            "data.train_size": DATA["train-size"], "data.eval_size": DATA["eval-size"], "sft.steps": 150,
+            "sft.batch_size": 32,
             "rl.steps": 1, "rl.lr": 1e-12, "rl.schedule.mode": "constant", "train.export_hf": True})
     hf = tmp_path / "sft" / "hf"
     assert {"config.json", "model.safetensors", "tokenizer.model", "generation_config.json"} <= set(os.listdir(hf))
@@ -45,7 +48,7 @@ def test_sft_export_then_rl_from_the_export_on_jsonl_raises_accuracy(tmp_path):
     s = main(**{"run_dir": tmp_path / "rl", "data.data_dir": tmp_path / "data", "model.init_from": hf,
                 "tokenizer.model_path": hf / "tokenizer.model", "data.source": "jsonl",
                 "data.train_files": tmp_path / "jsonl" / "train.jsonl",
-                "data.eval_files": tmp_path / "jsonl" / "eval.jsonl", "rl.steps": 60,
+                "data.eval_files": tmp_path / "jsonl" / "eval.jsonl", "rl.steps": 40,
                 "rl.credit.strategy": "tp", "rl.schedule.mode": "linear"})
     print(f"avg@4 {s['eval_accuracy_before_rl']:.3f} -> {s['eval_accuracy_after_rl']:.3f}, greedy "
           f"{s['eval_greedy_accuracy_before_rl']:.3f} -> {s['eval_greedy_accuracy_after_rl']:.3f}, "
