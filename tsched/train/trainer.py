@@ -1,5 +1,9 @@
 """The RLVR run: data and tokenizer, SFT warm start, evaluation, scheduled RL, evaluation, summary.
 
+Data is the built-in task suite or the user's files (`data.source`, tsched.data.pipeline.open_splits);
+the model is fresh or the Hugging Face checkpoint `model.init_from` (with its tokenizer and end ids,
+and no toy SFT unless `sft.steps` says so); `train.export_hf` writes the final policy to `<run_dir>/hf`.
+
 Resume order (`train.resume=True` on the same run_dir): the tokenizer and dataset are found in the data
 cache (`config.data_dir`); the SFT result is restored from `ckpt/sft` (it is also the reference policy); the RL state, RNG key and data
 iterator state from the latest `ckpt/rl` step; RL continues at the next step with the same batches and
