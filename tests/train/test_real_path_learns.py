@@ -2,7 +2,12 @@
 tasks to JSONL, then TP-Schedule RL from `model.init_from` on the JSONL files raises eval accuracy.
 
 Every stage is the command a user runs (`tsched.main`, `tsched.data.tasks --export`); the second run
-sees the model only through the exported directory and the problems only through the files."""
+sees the model only through the exported directory and the problems only through the files.
+
+Measured (shared 2-core CPU at load ~11, 6 min in all): avg@4 on 100 held-out gcd problems 0.250 ->
+0.298 after 40 RL steps, greedy 0.35 -> 0.28; with gcd,sort and 150 SFT steps avg@4 0.052 -> 0.068,
+greedy 0.13 -> 0.10. The avg@4 gain (what RL maximises) is about 1.5 standard errors at this budget:
+the assertion can fail on an unlucky machine; greedy accuracy is not asserted (it fell in both runs)."""
 
 import json
 import os
