@@ -62,3 +62,16 @@ def test_bad_files_and_missing_solutions_are_config_errors(cfg, tmp_path):
     cfg.data.train_files = str(tmp_path / "nothing*.jsonl")
     with pytest.raises(ConfigError, match="data.train_files.*no file matches"):
         pipeline.open_splits(cfg)
+
+
+def test_tfds_source_reads_a_prepared_dataset(tmp_path):
+    from tsched.data import tfds_builder
+
+    tc = tfds_builder.task_config("arith,sort", 1, 2, 40, 8, 0)
+    tfds_builder.build(tc, str(tmp_path / "tfds"))
+    c = base_config()
+    c.run_dir, c.data.source, c.data.data_dir = str(tmp_path / "run"), "tfds", str(tmp_path / "tfds")
+    c.data.train_files, c.data.eval_files = f"tsched_tasks/{tc.name}@train", f"held_out=tsched_tasks/{tc.name}@eval"
+    splits = pipeline.open_splits(c)
+    assert len(splits["train"]) == 40 and list(splits["eval_sets"]) == ["held_out"] and len(splits["eval"]) == 8
+    assert splits["train"][0]["verifier"] in ("numeric", "exact") and splits["train"][0]["solution"]
