@@ -39,6 +39,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.run_dir = "runs/default"  # checkpoints, logs, tokenizer copy and summary.json go here
 
     c.data = ml_collections.ConfigDict()
+    # `tasks` (the built-in suite below) or a reader of tsched.data.sources.READERS (jsonl, parquet, tfds)
+    # reading data.train_files / data.eval_files (docs/data.md for the spec syntax; eval may name sets).
+    c.data.source = "tasks"
+    c.data.train_files = ""
+    c.data.eval_files = ""  # e.g. "gsm8k=data/gsm8k_test.jsonl;math500=data/math500.jsonl"
+    c.data.fields = ml_collections.ConfigDict()  # record field read for each key ("" = never read it)
+    c.data.fields.problem = "problem"
+    c.data.fields.answer = "answer"
+    c.data.fields.solution = "solution"
+    c.data.fields.verifier = "verifier"
+    c.data.fields.family = "family"
+    c.data.fields.difficulty = "difficulty"
+    c.data.verifier = "math"  # verifier of file records that name none
+    c.data.skip_bad_records = False  # drop (and count) bad file records instead of stopping
+    # How a problem becomes the prompt (tsched.data.templates): plain, boxed, chat (the checkpoint's chat
+    # template), or any string containing {problem}.
+    c.data.template = "plain"
+    c.data.chat_thinking = False  # chat: Qwen3's enable_thinking
     c.data.families = "gcd,sort"  # comma-separated task families (tsched.data.tasks)
     c.data.min_difficulty = 1
     c.data.max_difficulty = 3
@@ -53,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer.vocab_size = 64
 
     c.model = ml_collections.ConfigDict()
+    # A Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json, generation_config.json):
+    # dimensions and weights come from it, the tokenizer too unless tokenizer.model_path is set.
+    c.model.init_from = ""
     c.model.preset = ""  # a named preset from tsched.model.presets overrides the dims below
     c.model.d_model = 128
     c.model.n_layers = 3
@@ -79,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 300
+    c.sft.steps = -1  # -1 = auto: 300 from scratch, 0 (no toy warm start) with model.init_from; see sft_steps
     c.sft.batch_size = 64
     c.sft.lr = 3e-3
     c.sft.warmup_steps = 50
@@ -151,6 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.samples = 4  # the headline accuracy is avg@k: mean correctness of k samples per problem
     # Of those samples: the RL sampling temperature unless set, so the headline measures what RL optimizes.
     c.eval.temperature = _follow(c.rl, "temperature")
+    c.eval.pass_k = "1,4,8"  # unbiased pass@k for each k here up to eval.samples (python -m tsched.eval)
+    c.eval.every = 0  # evaluate every N RL steps, logged as eval/<set>/...; 0 = off
 
     c.train = ml_collections.ConfigDict()
     # `never` (False): an existing run_dir is moved aside and the run starts afresh; `auto` (True): continue
@@ -164,7 +187,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 5
     c.train.kl_metrics = True  # KL to the initial policy by trajectory percentile (one extra forward pass)
     c.train.progress = True
+    c.train.export_hf = False  # write the final policy as a Hugging Face directory <run_dir>/hf
     return c
+
+
+SFT_STEPS_FROM_SCRATCH = 300
+
+
+def sft_steps(cfg) -> int:
+    """SFT steps of the run: `sft.steps`, or with the default -1, 300 for a model trained from scratch
+    and 0 for one started from `model.init_from` (a pretrained model gets no toy warm start)."""
+    if cfg.sft.steps >= 0:
+        return cfg.sft.steps
+    return 0 if cfg.model.init_from else SFT_STEPS_FROM_SCRATCH
+
+
+def pass_ks(cfg) -> list[int]:
+    """The k of `eval.pass_k` that `eval.samples` samples per problem can estimate (k <= samples)."""
+    ks = sorted({int(k) for k in str(cfg.eval.pass_k).split(",") if k.strip()})
+    return [k for k in ks if k <= cfg.eval.samples]
 
 
 def data_dir(cfg) -> str:
@@ -183,10 +224,11 @@ def _registries() -> dict:
     """Fields whose allowed values are the names of a registry (imported here, not at module load, so
     the config stays cheap to import)."""
     from tsched import rollout
-    from tsched.data import tasks
+    from tsched.data import sources, tasks
     from tsched.model import presets
     from tsched.model.decoder import COMPUTE_DTYPES
     from tsched.rl import advantages, credit, losses, objective, schedules
+    from tsched.verify.verifiers import VERIFIERS
 
     return {
         "model.dtype": COMPUTE_DTYPES,
@@ -201,6 +243,8 @@ def _registries() -> dict:
         "rl.schedule.mode": schedules.PROFILES,
         "model.preset": ["", *presets.PRESETS],
         "data.families": tasks.FAMILIES,
+        "data.source": ["tasks", *sources.READERS],
+        "data.verifier": VERIFIERS,
     }
 
 
@@ -230,8 +274,9 @@ _RANGES = {
                               "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
                               "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
-    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "sft.steps", "sft.warmup_steps", "rl.top_k",
-                                  "rl.kl_coef", "rl.entropy_coef",
+    "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (300 from scratch, 0 with model.init_from)"),
+    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
+                                  "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
                                   "rl.credit.kl_cov_beta", "train.checkpoint_every_s")},
@@ -284,14 +329,29 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     m, rl, s = cfg.model, cfg.rl, cfg.rl.schedule
     if cfg.data.max_difficulty < cfg.data.min_difficulty:
         _fail("data.max_difficulty", cfg.data.max_difficulty, f">= data.min_difficulty ({cfg.data.min_difficulty})")
-    if cfg.eval.num_problems > cfg.data.eval_size:
+    if cfg.data.source == "tasks" and cfg.eval.num_problems > cfg.data.eval_size:
         _fail("eval.num_problems", cfg.eval.num_problems, f"must be <= data.eval_size ({cfg.data.eval_size})")
+    _validate_data(cfg)
+    _validate_init_from(cfg)
+    try:
+        ks = [int(k) for k in str(cfg.eval.pass_k).split(",") if k.strip()]
+    except ValueError:
+        ks = [0]
+    if not all(k > 0 for k in ks):
+        _fail("eval.pass_k", cfg.eval.pass_k, "must be comma-separated positive integers, e.g. '1,4,8'")
     if rl.credit.clip_cov_ub <= rl.credit.clip_cov_lb:
         _fail("rl.credit.clip_cov_ub", rl.credit.clip_cov_ub, f"must be > rl.credit.clip_cov_lb ({rl.credit.clip_cov_lb})")
     if not m.preset and m.n_heads % m.n_kv_heads:
         _fail("model.n_heads", m.n_heads, f"must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
     if cfg.tokenizer.model_path and not os.path.isfile(cfg.tokenizer.model_path):
         _fail("tokenizer.model_path", cfg.tokenizer.model_path, "no such file")
+    if cfg.data.template == "chat":
+        from tsched.data import templates
+
+        try:
+            templates.load_chat_template(chat_template_dir(cfg))
+        except (ValueError, OSError) as e:
+            _fail("data.template", "chat", f"needs the checkpoint's chat template: {e}")
     vocab = _vocab_size(cfg)
     if rl.top_k > vocab:
         _fail("rl.top_k", rl.top_k, f"must be <= the vocabulary size ({vocab}); 0 = off")
@@ -320,8 +380,72 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         raise ConfigError(str(e)) from None
 
 
+def _validate_data(cfg) -> None:
+    """Template and file-source fields; reads no data file (sources report bad records on opening)."""
+    from tsched.data import sources, templates
+
+    d = cfg.data
+    if d.template not in templates.NAMES and "{problem}" not in d.template:
+        _fail("data.template", d.template, f"must be one of {list(templates.NAMES)} or a string containing {{problem}}")
+    if d.source == "tasks":
+        return
+    for field in ("train_files", "eval_files"):
+        try:
+            sources.parse_spec(d[field])
+        except ValueError as e:
+            _fail(f"data.{field}", d[field], f"data.source={d.source!r} needs a file spec ({e})")
+    if not d.fields.problem or not d.fields.answer:
+        _fail("data.fields.problem" if not d.fields.problem else "data.fields.answer", "", "must name a field")
+
+
+def _validate_init_from(cfg) -> None:
+    """`model.init_from` is an HF directory with a supported config.json, a tokenizer unless
+    `tokenizer.model_path` gives one, and dimensions a `model.preset` (if set) agrees with."""
+    m = cfg.model
+    if not m.init_from:
+        return
+    config_json = os.path.join(m.init_from, "config.json")
+    if not os.path.isfile(config_json):
+        _fail("model.init_from", m.init_from, "must be a Hugging Face checkpoint directory with config.json"
+              + ("" if os.path.isdir(m.init_from) else " (no such directory)"))
+    import json
+
+    from tsched.model import hf, presets
+
+    try:
+        got = hf.config_from_hf(json.load(open(config_json)))
+    except (ValueError, KeyError) as e:
+        _fail("model.init_from", m.init_from, f"config.json: {e}")
+    if m.preset:
+        want = presets.PRESETS[m.preset]
+        dims = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+        diff = {k: (getattr(want, k), getattr(got, k)) for k in dims if getattr(want, k) != getattr(got, k)}
+        if diff:
+            _fail("model.preset", m.preset, f"conflicts with model.init_from's config.json (preset, checkpoint: "
+                  f"{diff}); leave model.preset empty with init_from")
+    if not cfg.tokenizer.model_path and not os.path.isfile(os.path.join(m.init_from, "tokenizer.json")):
+        _fail("model.init_from", m.init_from, "has no tokenizer.json; set tokenizer.model_path")
+
+
+def tokenizer_path(cfg) -> str:
+    """The tokenizer file the run uses: `tokenizer.model_path`, else `<model.init_from>/tokenizer.json`,
+    else "" (train a sentencepiece model on the task corpus)."""
+    if cfg.tokenizer.model_path:
+        return cfg.tokenizer.model_path
+    return os.path.join(cfg.model.init_from, "tokenizer.json") if cfg.model.init_from else ""
+
+
+def chat_template_dir(cfg) -> str:
+    """Where `data.template=chat` finds the chat template: the checkpoint, else the tokenizer's directory."""
+    return cfg.model.init_from or os.path.dirname(os.path.abspath(cfg.tokenizer.model_path or "."))
+
+
 def _vocab_size(cfg) -> int:
     """The vocabulary the run will have, as far as the config tells without building anything."""
+    if cfg.model.init_from:
+        import json
+
+        return json.load(open(os.path.join(cfg.model.init_from, "config.json")))["vocab_size"]
     if cfg.model.preset:
         from tsched.model import presets
 

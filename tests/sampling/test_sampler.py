@@ -110,3 +110,26 @@ def test_sampled_tokens_follow_the_tempered_distribution(tiny_model_cfg, tiny_pa
     tv = lambda p: 0.5 * np.abs(freq - p).sum()
     assert tv(softmax(logits / temperature)) < 0.06
     assert tv(softmax(logits)) > tv(softmax(logits / temperature)) + 0.1
+
+
+def test_a_set_of_stop_ids_ends_a_row_at_either_id(tiny_model_cfg, tiny_params):
+    """Qwen-style checkpoints declare two end ids: a row stops at the first of either, the length counts
+    it, padding follows; the same key with one of the ids alone gives the same tokens up to that stop."""
+    prompts, lens = prompts_batch(tiny_model_cfg, [8, 3, 5, 1])
+    stops = (EOS, 7)
+    scfg = SamplingConfig(max_new_tokens=40, eos_id=stops, pad_id=PAD, temperature=1.5, num_samples=8)
+    assert scfg.stop_ids == stops and SamplingConfig(4, EOS, PAD).stop_ids == (EOS,)
+    out = jax.device_get(sample(tiny_model_cfg, scfg, tiny_params, prompts, lens, jax.random.key(0)))
+    ended_by = set()
+    for row, n in zip(out["tokens"], out["lengths"]):
+        hits = np.flatnonzero(np.isin(row, stops))
+        if len(hits):
+            assert n == hits[0] + 1 and np.all(row[n:] == PAD)
+            ended_by.add(int(row[hits[0]]))
+        else:
+            assert n == 40
+    assert ended_by == set(stops)  # both ids ended some row
+    one = jax.device_get(sample(tiny_model_cfg, SamplingConfig(40, EOS, PAD, temperature=1.5, num_samples=8),
+                                tiny_params, prompts, lens, jax.random.key(0)))
+    for a, b, n in zip(out["tokens"], one["tokens"], out["lengths"]):
+        np.testing.assert_array_equal(a[:n], b[:n])

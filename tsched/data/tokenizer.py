@@ -14,7 +14,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 class Tokenizer:
-    """Thin wrapper with the ids tsched needs; any sentencepiece model with pad and eos ids works."""
+    """Thin wrapper with the ids tsched needs; any sentencepiece model with pad and eos ids works.
+
+    `eos_id` ends SFT targets; `stop_ids` (eos_id first) are every id that ends a sampled response."""
 
     def __init__(self, model_path: str):
         self.path = model_path
@@ -23,20 +25,22 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
             raise ValueError(f"tokenizer {model_path!r} has no eos id; RL sampling needs one to stop")
+        self.stop_ids = (self.eos_id,)
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (sentencepiece models here add no special tokens either way)."""
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Decodes ids, dropping pad and stopping at the first eos."""
-        out = []
+        """Decodes ids, dropping pad and stopping at the first stop id."""
+        out, stops = [], set(self.stop_ids)
         for i in ids:
             i = int(i)
-            if i == self.eos_id:
+            if i in stops:
                 break
             if i != self.pad_id:
                 out.append(i)
@@ -47,7 +51,10 @@ class Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizer.json`; eos / pad tokens come from `tokenizer_config.json` beside it (or arguments)."""
+    """A `tokenizer.json`; eos / pad tokens come from `tokenizer_config.json` beside it (or arguments).
+
+    Stop ids: the eos token, then every `eos_token_id` of `generation_config.json` beside it (an int or
+    a list: Qwen3 stops at `<|im_end|>` and `<|endoftext|>`), in that order, each once."""
 
     def __init__(self, path: str, eos_token: str | None = None, pad_token: str | None = None):
         import json
@@ -65,13 +72,21 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"tokenizer {path!r}: no eos token (set eos_token in tokenizer_config.json)")
         pad_id = self.tok.token_to_id(pad) if pad else None
         self.pad_id = self.eos_id if pad_id is None else pad_id
+        gen_path = os.path.join(os.path.dirname(path), "generation_config.json")
+        gen = json.load(open(gen_path)) if os.path.exists(gen_path) else {}
+        more = gen.get("eos_token_id")
+        more = [] if more is None else [more] if isinstance(more, int) else list(more)
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *map(int, more)]))
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special-token text (`<|im_start|>`) maps to its id either way, and
+        `add_special_tokens` applies the tokenizer's post-processor (Llama-3's BOS), as transformers does
+        for a plain prompt (a rendered chat template already holds its BOS)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

@@ -11,9 +11,9 @@ from tsched.model.decoder import Decoder, ModelConfig, Params, apply_unrolled, u
 from tsched.model.hf import load_pretrained, save_pretrained
 from tsched.model.logits import token_stats
 
-__all__ = ["ModelConfig", "Params", "config_from", "init_params", "logical_axes", "forward", "hidden_states",
-           "unembed", "token_stats", "init_cache", "apply_unrolled", "unstack_layers", "positions_from_valid",
-           "load_pretrained", "save_pretrained"]
+__all__ = ["ModelConfig", "Params", "config_from", "pretrained", "init_params", "logical_axes", "forward",
+           "hidden_states", "unembed", "token_stats", "init_cache", "apply_unrolled", "unstack_layers",
+           "positions_from_valid", "load_pretrained", "save_pretrained"]
 
 
 def config_from(model_cfg, vocab_size: int) -> ModelConfig:
@@ -30,6 +30,23 @@ def config_from(model_cfg, vocab_size: int) -> ModelConfig:
                        norm_eps=m.norm_eps, qk_norm=m.qk_norm, qkv_bias=m.qkv_bias,
                        tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
                        scan_layers=m.scan_layers, logits_chunk=m.logits_chunk, attn_block=m.attn_block)
+
+
+def pretrained(model_cfg, weights: bool = True) -> tuple[ModelConfig, Params | None]:
+    """(ModelConfig, float32 params) of the Hugging Face checkpoint `model.init_from`, with the compute
+    settings (dtype, remat, scan_layers) of the `config.model` section; params None without `weights`."""
+    import dataclasses
+    import json
+    import os
+
+    from tsched.model.hf import config_from_hf
+
+    m = model_cfg
+    if weights:
+        cfg, params = load_pretrained(m.init_from, m.dtype)
+    else:
+        cfg, params = config_from_hf(json.load(open(os.path.join(m.init_from, "config.json"))), m.dtype), None
+    return dataclasses.replace(cfg, remat=m.remat, scan_layers=m.scan_layers), params
 
 
 def _dummy(cfg: ModelConfig):

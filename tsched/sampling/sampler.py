@@ -1,8 +1,9 @@
 """The jitted sampler: one prefill over the prompts, then a `lax.while_loop` decode over a KV cache.
 
 No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
-same cache slot P + i at decode step i; rows that emitted EOS keep writing padding until all rows are
-done or `max_new_tokens` is reached. The loop runs as WINDOW_CHUNKS while-loops whose caches (and so
+same cache slot P + i at decode step i; a row stops at the first of its stop ids (`eos_id`: one id or
+a tuple, e.g. Qwen's `<|im_end|>` and `<|endoftext|>`, compared in one vectorised test per step) and
+keeps writing padding until all rows are done or `max_new_tokens` is reached. The loop runs as WINDOW_CHUNKS while-loops whose caches (and so
 attention windows) grow with the generated length. The prompt is prefilled once and its cache repeated
 G times for the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
 split per layer once before the loop (`unstack_layers`, one extra copy of the weights while sampling),
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +28,20 @@ WINDOW_CHUNKS = 4  # decode-loop chunks with growing attention windows (compile 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int
-    eos_id: int
+    eos_id: int | tuple[int, ...]  # the stop id(s): a row ends at the first of them; normalised to a tuple
     pad_id: int
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     num_samples: int = 1  # G samples per prompt
+
+    def __post_init__(self):
+        ids = (int(self.eos_id),) if isinstance(self.eos_id, numbers.Integral) else tuple(int(i) for i in self.eos_id)
+        object.__setattr__(self, "eos_id", ids)  # hashable: the config is a static argument of `sample`
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_id
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -65,9 +75,9 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
            rng: jax.Array) -> dict:
     """prompts [B, P] (left-padded), prompt_lens [B] -> completions for N = B * G rows.
 
-    Returns tokens [N, T] (EOS included, padding after), lengths [N] (tokens up to and including EOS),
-    logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k / top-p
-    filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares them.
+    Returns tokens [N, T] (the stop id included, padding after), lengths [N] (tokens up to and including
+    the stop id), logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k /
+    top-p filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares them.
     """
     B, P = prompts.shape
     G, T = scfg.num_samples, scfg.max_new_tokens
@@ -91,6 +101,7 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     last = jnp.repeat(logits[:, -1], G, axis=0)  # [N, V]
     pad_len = jnp.repeat(pad_len, G)
     N = B * G
+    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)  # [S]; () stops only at max_new_tokens
 
     def body(state):
         i, cache, last, done, lengths, tokens, logps = state
@@ -98,7 +109,7 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
         tok = jnp.where(done, scfg.pad_id, tok).astype(jnp.int32)
         logp = jnp.where(done, 0.0, logp)
         lengths = lengths + (~done).astype(jnp.int32)
-        done = done | (tok == scfg.eos_id)
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
         slot = P + i

@@ -99,11 +99,15 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     panels = [("reward / accuracy", ["reward", "accuracy"]), ("schedule", ["magnitude", "tokens_optimized_frac"]),
               ("entropy by stage", ["entropy_first10", "entropy_mid45_55", "entropy_last10"]),
               ("KL to initial policy", ["kl_bin0", "kl_bin4", "kl_bin9"])]
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and ("accuracy" in k or "/avg@" in k)})
+    if eval_keys:  # eval.every: the periodic evaluation, at the steps it ran
+        panels.append(("evaluation", eval_keys))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:
-            if k in rows[0]:
-                ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k)
+            pts = [(s, r[k]) for s, r in zip(steps, rows) if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
         ax.set_title(title)
         ax.set_xlabel("RL step")
         if ax.lines:

@@ -1,5 +1,9 @@
 """The RLVR run: data and tokenizer, SFT warm start, evaluation, scheduled RL, evaluation, summary.
 
+Data is the built-in task suite or the user's files (`data.source`, tsched.data.pipeline.open_splits);
+the model is fresh or the Hugging Face checkpoint `model.init_from` (with its tokenizer and end ids,
+and no toy SFT unless `sft.steps` says so); `train.export_hf` writes the final policy to `<run_dir>/hf`.
+
 Resume order (`train.resume=auto` or `True` on the same run_dir, with a checkpoint in it): the run_dir's
 `config.json` is compared with the config (fields that change the result must match unless
 `train.force_resume`); the tokenizer and dataset are found in the data cache (`config.data_dir`); SFT
@@ -38,7 +42,9 @@ import jax.numpy as jnp
 from etils import epath
 from tqdm import tqdm
 
+from tsched import config as config_lib
 from tsched import eval as eval_lib
+from tsched import export as export_lib
 from tsched import model as model_lib
 from tsched import rollout, sharding
 from tsched.config import ConfigError, resume_mode, validate
@@ -256,26 +262,41 @@ def _run(cfg, t_start, signals) -> str:
 
     # ---- Data and tokenizer (cached outside the run directory, see config.data_dir)
     splits = pipeline.open_splits(cfg)
-    tok = tok_lib.load_or_train(cfg.tokenizer.model_path, pipeline.tokenizer_cache_path(cfg),
-                                pipeline.corpus(splits["train"]), cfg.tokenizer.vocab_size)
+    pipeline.check_solutions(cfg, splits["train"])
+    tok_path = config_lib.tokenizer_path(cfg)  # tokenizer.model_path, else the checkpoint's
+    if tok_path:
+        tok = tok_lib.load(tok_path)
+    else:
+        render = pipeline.encoder(cfg, None).prompt_text
+        tok = tok_lib.load_or_train("", pipeline.tokenizer_cache_path(cfg), pipeline.corpus(splits["train"], render),
+                                    cfg.tokenizer.vocab_size)
     P = cfg.data.prompt_len
-    budgets = pipeline.check_budgets(splits.values(), tok, P, cfg.data.max_solution_tokens)
+    encode = pipeline.encoder(cfg, tok)
+    budgets = pipeline.check_budgets([splits["train"], *splits["eval_sets"].values()], tok, P,
+                                     cfg.data.max_solution_tokens, encode)
 
     resuming = _resolve_resume(cfg)
     run_dir = _prepare_run_dir(cfg, resuming)
-    model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
-    eval_batches = pipeline.eval_batches(splits["eval"], pipeline.Encode(tok.path, P), cfg.eval.num_problems,
-                                         cfg.eval.batch_size)
+    eval_sets = {name: pipeline.eval_batches(src, encode, cfg.eval.num_problems, cfg.eval.batch_size)
+                 for name, src in splits["eval_sets"].items()}
 
-    # ---- Model, sharded over the mesh
+    # ---- Model (fresh, or the checkpoint of model.init_from), sharded over the mesh
     mesh = sharding.make_mesh(cfg.mesh)
-    param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
     key = jax.random.key(cfg.seed)
-    params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_shardings)(
-        jax.random.fold_in(key, 0))
-    print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-          f"mesh {dict(mesh.shape)}, devices {jax.device_count()} x {jax.devices()[0].platform}; "
-          f"longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
+    if cfg.model.init_from:
+        model_cfg, hf_params = model_lib.pretrained(cfg.model)
+        param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
+        params = jax.device_put(hf_params, param_shardings)
+        del hf_params
+    else:
+        model_cfg = model_lib.config_from(cfg.model, tok.vocab_size)
+        param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
+        params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_shardings)(
+            jax.random.fold_in(key, 0))
+    print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters"
+          f"{' from ' + cfg.model.init_from if cfg.model.init_from else ''}, vocab {tok.vocab_size}, "
+          f"stop ids {list(tok.stop_ids)}, mesh {dict(mesh.shape)}, devices {jax.device_count()} x "
+          f"{jax.devices()[0].platform}; longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
           f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}")
 
     dirs = _checkpoint_dirs(run_dir)
@@ -297,26 +318,34 @@ def _run(cfg, t_start, signals) -> str:
             before = json.loads(before_path.read_text())
         else:
             _event("eval_before_start")
-            before = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
+            before = eval_lib.evaluate_sets(cfg, model_cfg, params, eval_sets, tok, pool, eval_key)
             _write_atomically(before_path, json.dumps(before, indent=2))
             _event("eval_before_end")
-        print(f"eval before RL: avg@{cfg.eval.samples} {before['sampled']['accuracy']:.3f}, "
-              f"greedy {before['greedy']['accuracy']:.3f}")
+        _print_eval("before RL", cfg, before)
 
-        # ---- RL
-        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key, signals, resuming)
+        # ---- RL (with eval.every: the same evaluation every N steps, logged as eval/<set>/...)
+        periodic = lambda p: eval_lib.flat_metrics(eval_lib.evaluate_sets(cfg, model_cfg, p, eval_sets, tok, pool,
+                                                                          eval_key))
+        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key, signals, resuming,
+                     periodic)
 
         # ---- Evaluation after RL
         _event("eval_after_start")
-        after = eval_lib.evaluate_all(cfg, model_cfg, params, eval_batches, tok, pool, eval_key)
+        after = eval_lib.evaluate_sets(cfg, model_cfg, params, eval_sets, tok, pool, eval_key)
         _event("eval_after_end")
-        print(f"eval after RL: avg@{cfg.eval.samples} {after['sampled']['accuracy']:.3f}, "
-              f"greedy {after['greedy']['accuracy']:.3f}")
+        _print_eval("after RL", cfg, after)
+        _write_atomically(run_dir / "eval_after_rl.md", eval_lib.markdown(after, f"{run_dir} after {cfg.rl.steps} RL steps"))
+
+    # ---- Export (train.export_hf): the final policy as a Hugging Face directory
+    if cfg.train.export_hf:
+        print(f"exported the final policy to {export_lib.export_hf(str(run_dir / 'hf'), model_cfg, params, tok, cfg.model.init_from)}")
     writer.close()
     sft_ckpt.close()
     rl_ckpt.close()
     plot_curves(writer.path, run_dir / "curves.png")
 
+    per_set_before, per_set_after = before, after
+    before, after = eval_lib.pooled(per_set_before), eval_lib.pooled(per_set_after)
     summary = {
         "eval_accuracy_before_rl": before["sampled"]["accuracy"],
         "eval_accuracy_after_rl": after["sampled"]["accuracy"],
@@ -328,6 +357,9 @@ def _run(cfg, t_start, signals) -> str:
         "eval_per_family_after_rl": after["sampled"]["per_family"],
         "eval_greedy_per_family_before_rl": before["greedy"]["per_family"],
         "eval_greedy_per_family_after_rl": after["greedy"]["per_family"],
+        "eval_per_set_before_rl": eval_lib.flat_metrics(per_set_before),
+        "eval_per_set_after_rl": eval_lib.flat_metrics(per_set_after),
+        "init_from": cfg.model.init_from, "data_source": cfg.data.source, "template": cfg.data.template,
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
         "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
@@ -338,36 +370,44 @@ def _run(cfg, t_start, signals) -> str:
     return str(path)
 
 
+def _print_eval(when: str, cfg, per_set: dict) -> None:
+    for name, r in per_set.items():
+        print(f"eval {when}{'' if len(per_set) == 1 else ' [' + name + ']'}: avg@{cfg.eval.samples} "
+              f"{r['sampled']['accuracy']:.3f}, greedy {r['greedy']['accuracy']:.3f}")
+
+
 def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resuming):
-    """Supervised warm start on the reference solutions, checkpointed like RL (state and data iterator).
+    """Supervised warm start on the reference solutions (`config.sft_steps` steps: none by default from a
+    pretrained checkpoint), checkpointed like RL (state and data iterator).
 
     -> (parameters, whether a finished SFT was restored)."""
-    if cfg.sft.steps == 0:
+    steps = config_lib.sft_steps(cfg)
+    if steps == 0:
         return params, True
-    tx = learner.make_optimizer(cfg.sft.lr, 1.0, cfg.sft.warmup_steps, cfg.sft.steps)
+    tx = learner.make_optimizer(cfg.sft.lr, 1.0, cfg.sft.warmup_steps, steps)
     state = learner.init_state(params, tx)
     step_fn = learner.make_sft_step(model_cfg, tx)
-    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
+    encode = pipeline.encoder(cfg, tok, solutions=True)
     it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
-    saver = _Saver(cfg, "sft", cfg.sft.steps, ckpt, signals)
+    saver = _Saver(cfg, "sft", steps, ckpt, signals)
     restored = ckpt.restore_latest(state) if resuming else None
     if restored:
         _, state, data_state = restored
         it.set_state(saver.restore_counts(data_state))
     step = int(state["step"]) + 1
     writer.resume("sft", step - 1)
-    if step > cfg.sft.steps:
+    if step > steps:
         return state["params"], True
     if restored:
         print(f"resumed SFT at step {step - 1}")
-    bar = tqdm(total=cfg.sft.steps, initial=step - 1, desc="SFT", disable=not cfg.train.progress,
+    bar = tqdm(total=steps, initial=step - 1, desc="SFT", disable=not cfg.train.progress,
                dynamic_ncols=True)
     signals.deferred = True
-    while step <= cfg.sft.steps:
+    while step <= steps:
         b = next(it)
         state, m = step_fn(state, b["prompt"], b["prompt_len"], b["target"], b["target_len"])
         saver.count(float(m["skipped"]))  # one scalar per step: max_bad_steps counts every step, not logged ones
-        if step % cfg.train.log_every == 0 or step == cfg.sft.steps:
+        if step % cfg.train.log_every == 0 or step == steps:
             m = {**jax.device_get(m), "skipped_steps": saver.skipped_steps}
             writer.write(step, m, phase="sft")
             bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
@@ -380,9 +420,9 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
     return state["params"], False
 
 
-def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, signals, resuming):
+def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, signals, resuming, periodic_eval=None):
     """Scheduled RL; checkpoints every `train.checkpoint_every` steps (and `checkpoint_every_s` seconds)
-    and at the end.
+    and at the end. `periodic_eval(params) -> metrics` runs every `eval.every` steps.
 
     The step number of each iteration is read from the train state (`state['step'] + 1`), the counter
     the jitted update computes its schedule from: sampling keys, the prompt transform, logs and
@@ -390,8 +430,8 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
     advances the counter (see `learner.skip_if_not_finite`).
     """
     rl = cfg.rl
-    encode = pipeline.Encode(tok.path, cfg.data.prompt_len, cfg.data.max_solution_tokens)
-    scfg = SamplingConfig(max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+    encode = pipeline.encoder(cfg, tok, solutions=True)
+    scfg = SamplingConfig(max_new_tokens=rl.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
                           temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, num_samples=rl.group_size)
     tx = learner.make_optimizer(rl.lr, rl.max_grad_norm)
     need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
@@ -419,6 +459,8 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         state, m = rl_step(state, ref_params, ro.learner_batch())
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
         saver.count(m["skipped"])
+        if periodic_eval is not None and cfg.eval.every and step % cfg.eval.every == 0:
+            m.update(periodic_eval(state["params"]))
         writer.write(step, {**m, "skipped_steps": saver.skipped_steps})
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
