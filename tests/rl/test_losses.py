@@ -96,3 +96,9 @@ def test_aggregate_against_numpy(mode, normalizer):
     nm = selected if normalizer == "selected" else valid
     num, den = losses.aggregate(loss, selected, nm, mode)
     assert float(num) / float(den) == pytest.approx(ref_aggregate(loss, selected, nm, mode), rel=1e-5)
+
+
+def test_log_ratio_is_clamped_before_exp():
+    # A < 0 without dual clip: the unclipped branch -A exp(clamp(30, -20, 20)) = exp(20), finite
+    loss, _ = losses.clipped_objective(jnp.float32(30.0), jnp.float32(-1.0), 0.2, 0.28, 0.0)
+    assert float(loss) == pytest.approx(float(np.exp(np.float32(20.0))), rel=1e-5)

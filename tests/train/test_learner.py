@@ -307,3 +307,61 @@ def test_mini_batches_must_split_the_batch():
     cfg = make_cfg(mini_batches=4, micro_batches=4)  # mini-batches of 2 sequences
     with pytest.raises(ConfigError, match="rl.micro_batches"):
         validate(cfg, num_devices=1)
+
+
+def test_scoring_pass_is_at_the_sampling_temperature(tiny_model_cfg, tiny_params):
+    """Several updates per rollout: the old log-probs of the scoring pass are the sampler's, at the
+    sampling temperature (the sampler's log-probs are the learner's next-token log-probs at that
+    temperature, tested above), so `logp_mismatch` is ~0, and nonzero for a sampler at another temperature."""
+    temperature = 1.4
+    data = batch(tiny_model_cfg.vocab_size, seed=10)
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    cfg = make_cfg(mini_batches=2, temperature=temperature, **{"credit.strategy": "uniform"})
+    tx = optax.sgd(1.0)
+    step = learner.make_rl_step(cfg, tiny_model_cfg, tx)  # one compilation for both calls
+    for sample_t, small in ((temperature, True), (1.0, False)):
+        sample_logp = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, sample_t)[0] * mask
+        state = learner.init_state(jax.tree.map(jnp.copy, tiny_params), tx, jax.random.key(0))
+        _, m = step(state, None, {**data, "sample_logp": sample_logp})
+        assert (float(m["logp_mismatch"]) < 1e-5) == small
+
+
+def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
+    """clip_cov detaches random tokens: micro-batch i draws with fold_in(key, i), so accumulating the
+    micro-batches equals summing policy_loss over them with those keys; with the same rows in both
+    micro-batches, the two draws differ (one key for every micro-batch would detach the same tokens)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=11)
+    half = {k: data[k][:B // 2] for k in ("prompts", "prompt_lens")}
+    half.update({k: data[k][:B * G // 2] for k in ("completions", "lengths", "rewards")})
+    twice = {k: jnp.concatenate([v, v]) for k, v in half.items()}  # micro-batch 1 repeats micro-batch 0
+    cfg = make_cfg(micro_batches=2, loss="clip_cov", **{"credit.strategy": "uniform", "credit.clip_cov_ratio": 0.3,
+                                                        "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9})
+    tokens, valid, mask = learner.join(twice["prompts"], twice["prompt_lens"], twice["completions"], twice["lengths"])
+    s = np.asarray(twice["rewards"]).reshape(-1, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    key = jax.random.key(4)
+    r = jnp.float32(0.0)
+    loss, grads, sums = jax.jit(lambda p, rows: learner.policy_gradient(cfg.rl, tiny_model_cfg, p, None, r, rows, P,
+                                                                         key))(tiny_params, rows)
+
+    @jax.jit
+    def micro_grad(params, tokens, valid, adv, mask, i):
+        def f(params):
+            logp, ent = learner.token_stats(tiny_model_cfg, params, tokens, valid, P, cfg.rl.temperature)
+            num, den, s = objective.policy_loss(cfg.rl, r, logp, ent, adv, mask, key=jax.random.fold_in(key, i))
+            return num, (den, s)
+        return jax.grad(f, has_aux=True)(params)
+
+    n = B * G // 2
+    parts = [micro_grad(tiny_params, tokens[i * n:(i + 1) * n], valid[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
+                        mask[i * n:(i + 1) * n], i) for i in range(2)]
+    (g0, (d0, s0)), (g1, (d1, s1)) = parts
+    den = float(d0) + float(d1)
+    want = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / den, g0, g1)
+    scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * scale), grads, want)
+    assert float(sums["cov_frac"][0]) == pytest.approx(float(s0["cov_frac"][0]) + float(s1["cov_frac"][0]))
+    # the two identical micro-batches detached different tokens, so their gradients differ
+    assert not all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+                   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
