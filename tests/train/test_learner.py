@@ -231,13 +231,15 @@ def test_clip_branches_act_inside_the_integrated_loss():
 
 
 def test_kl_metrics_against_a_different_reference_policy(tiny_model_cfg, tiny_params):
-    """k3 KL to a reference policy other than the current one, per trajectory-percentile bin."""
+    """k3 KL to a reference policy other than the current one, per trajectory-percentile bin; both
+    policies' log-probs at the sampling temperature."""
+    temperature = 1.3
     data = batch(tiny_model_cfg.vocab_size, seed=6)
     ref_params = model.init_params(tiny_model_cfg, jax.random.key(11))
-    _, m = run_step(make_cfg(), tiny_model_cfg, tiny_params, data, ref_params=ref_params)
+    _, m = run_step(make_cfg(temperature=temperature), tiny_model_cfg, tiny_params, data, ref_params=ref_params)
     tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
-    logp = np.asarray(learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P)[0], np.float64)
-    ref = np.asarray(learner.token_stats(tiny_model_cfg, ref_params, tokens, valid, P)[0], np.float64)
+    logp = np.asarray(learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, temperature)[0], np.float64)
+    ref = np.asarray(learner.token_stats(tiny_model_cfg, ref_params, tokens, valid, P, temperature)[0], np.float64)
     k3 = np.exp(ref - logp) - (ref - logp) - 1
     lengths = np.asarray(data["lengths"])
     sums, counts = np.zeros(objective.KL_BINS), np.zeros(objective.KL_BINS)
