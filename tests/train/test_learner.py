@@ -367,3 +367,32 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
     # the two identical micro-batches detached different tokens, so their gradients differ
     assert not all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
                    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+
+
+def test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key(tiny_model_cfg, tiny_params):
+    """epochs 2 x mini-batches 2, SGD lr 1: four sequential updates against the sampling policy, epoch e
+    visiting the rows in the order permutation(fold_in(order_key, e)), order_key the first half of the
+    split of the step's loss key (a different order per epoch, not one order reused)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=12)
+    cfg = make_cfg(epochs=2, mini_batches=2, **{"credit.strategy": "tp"})
+    state, _ = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
+
+    N = B * G
+    loss_key = learner.step_keys(jax.random.key_data(jax.random.key(0)), 1)[1]
+    order_key = jax.random.split(loss_key)[0]
+    orders = [np.asarray(jax.random.permutation(jax.random.fold_in(order_key, e), N)) for e in range(2)]
+    assert not np.array_equal(orders[0], orders[1])
+    r = jnp.float32(0.99 * (1 - 1 / 8))
+    s = np.asarray(data["rewards"]).reshape(B, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    old_logp, old_ent = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, 1.0)
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv, "old_logp": old_logp, "old_entropy": old_ent}
+    grad = jax.jit(lambda params, mb: learner.policy_gradient(cfg.rl, tiny_model_cfg, params, None, r, mb, P)[1])
+    params = tiny_params
+    for order in orders:
+        for idx in order.reshape(2, N // 2):
+            g = grad(params, {k: v[idx] for k, v in rows.items()})
+            params = jax.tree.map(lambda p, d: p - d, params, g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 state["params"], params)
