@@ -111,6 +111,9 @@ def test_clip_fraction_metrics_against_numpy():
     lr = rng.normal(0, 0.8, (5, 9)).astype(np.float32)
     adv = np.repeat(np.array([[-1.0], [1.0], [0.5], [-0.7], [2.0]], np.float32), 9, 1)
     lr[0, 2] = 1.5  # A < 0 and ratio 4.5: beyond the dual clip
+    lr[0, 3] = np.log(0.76)  # A < 0: below 1 - 0.2, not below 1 - 0.28
+    lr[1, 0] = np.log(1.25)  # A > 0: above 1 + 0.2, not above 1 + 0.28
+    lr[1, 1] = np.log(4.0)  # A > 0 beyond the dual clip constant: no dual clip for A > 0
     mask = np.arange(9)[None] < np.array([9, 4, 0, 7, 2])[:, None]
     sums = losses.clip_sums(jnp.asarray(lr), jnp.asarray(adv), jnp.asarray(mask), 0.2, 0.28, 3.0)
     r = np.exp(lr)
