@@ -136,4 +136,4 @@ def test_fresh_randomness_at_every_decode_step(tiny_model_cfg, tiny_params):
     same_as_previous = np.mean(toks[:, 1:] == toks[:, :-1])
     assert same_as_previous < 3 / tiny_model_cfg.vocab_size  # expected 1/32 over 896 pairs
     freq = np.bincount(toks.ravel(), minlength=tiny_model_cfg.vocab_size) / toks.size
-    assert 0.5 * np.abs(freq - 1 / tiny_model_cfg.vocab_size).sum() < 0.1  # uniform
+    assert 0.5 * np.abs(freq - 1 / tiny_model_cfg.vocab_size).sum() < 0.15  # uniform (sampling noise ~0.07)
