@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 HOST = socket.gethostname()
 GRACE_S = 5.0  # a run that dies this early (bad flag, bad config) is reported as a failed start

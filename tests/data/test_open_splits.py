@@ -3,7 +3,6 @@ tokenizes and what the budget check counts, bad files and missing solutions are 
 
 import json
 
-import numpy as np
 import pytest
 
 from tests import hf_tiny

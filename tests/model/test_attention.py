@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsched import model
 from tsched.model import decoder
 
 B, K, G, T, Dh = 2, 2, 3, 11, 4

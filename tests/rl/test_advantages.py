@@ -27,3 +27,11 @@ def test_against_numpy(estimator, G):
     groups = r.reshape(-1, G)
     assert float(zero_var) == pytest.approx(np.mean([len(set(g)) == 1 for g in groups]))
     assert np.all(np.asarray(adv)[:G] == 0)  # no signal from a group that agrees
+
+
+def test_grpo_eps_is_added_to_the_std():
+    """Partial-credit rewards with a tiny spread: (s - mean) / (std + 1e-6), eps outside the square root
+    (sqrt(var + eps) would shrink these advantages by half)."""
+    r = np.array([0.0, 1e-3, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5 + 2e-4], np.float32)
+    adv, _ = advantages.compute(r, 4, "grpo")
+    np.testing.assert_allclose(np.asarray(adv), ref(r, 4, "grpo"), rtol=1e-3)

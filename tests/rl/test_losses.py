@@ -96,3 +96,32 @@ def test_aggregate_against_numpy(mode, normalizer):
     nm = selected if normalizer == "selected" else valid
     num, den = losses.aggregate(loss, selected, nm, mode)
     assert float(num) / float(den) == pytest.approx(ref_aggregate(loss, selected, nm, mode), rel=1e-5)
+
+
+def test_log_ratio_is_clamped_before_exp():
+    # A < 0 without dual clip: the unclipped branch -A exp(clamp(30, -20, 20)) = exp(20), finite
+    loss, _ = losses.clipped_objective(jnp.float32(30.0), jnp.float32(-1.0), 0.2, 0.28, 0.0)
+    assert float(loss) == pytest.approx(float(np.exp(np.float32(20.0))), rel=1e-5)
+
+
+def test_clip_fraction_metrics_against_numpy():
+    """Which clip acts, over the mask tokens: lower (A < 0, r < 1 - lo), upper (A > 0, r > 1 + hi), dual
+    (A < 0, r > dual); and the ratio's first two moments."""
+    rng = np.random.default_rng(7)
+    lr = rng.normal(0, 0.8, (5, 9)).astype(np.float32)
+    adv = np.repeat(np.array([[-1.0], [1.0], [0.5], [-0.7], [2.0]], np.float32), 9, 1)
+    lr[0, 2] = 1.5  # A < 0 and ratio 4.5: beyond the dual clip
+    lr[0, 3] = np.log(0.76)  # A < 0: below 1 - 0.2, not below 1 - 0.28
+    lr[1, 0] = np.log(1.25)  # A > 0: above 1 + 0.2, not above 1 + 0.28
+    lr[1, 1] = np.log(4.0)  # A > 0 beyond the dual clip constant: no dual clip for A > 0
+    mask = np.arange(9)[None] < np.array([9, 4, 0, 7, 2])[:, None]
+    sums = losses.clip_sums(jnp.asarray(lr), jnp.asarray(adv), jnp.asarray(mask), 0.2, 0.28, 3.0)
+    r = np.exp(lr)
+    want = {"clip_low_frac": (adv < 0) & (r < 0.8), "clip_high_frac": (adv > 0) & (r > 1.28),
+            "dual_clip_frac": (adv < 0) & (r > 3.0), "ratio_mean": r, "ratio_sq_mean": r * r}
+    for k, v in want.items():
+        s, n = sums[k]
+        assert float(n) == mask.sum()
+        assert float(s) == pytest.approx(float((v * mask).sum()), rel=1e-5), k
+    assert all(0 < float(sums[k][0]) for k in ("clip_low_frac", "clip_high_frac", "dual_clip_frac"))
+    assert "dual_clip_frac" not in losses.clip_sums(jnp.asarray(lr), jnp.asarray(adv), jnp.asarray(mask), 0.2, 0.28, 0.0)

@@ -133,3 +133,30 @@ def test_a_set_of_stop_ids_ends_a_row_at_either_id(tiny_model_cfg, tiny_params):
                                 tiny_params, prompts, lens, jax.random.key(0)))
     for a, b, n in zip(out["tokens"], one["tokens"], out["lengths"]):
         np.testing.assert_array_equal(a[:n], b[:n])
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.5, 1), (0.5001, 2), (0.75, 2), (0.875, 3), (0.9, 4), (1.0, 6)])
+def test_top_p_boundary_with_exact_masses(top_p, kept):
+    """Dyadic probabilities (exact in float32): a token is kept iff the mass strictly before it is < top_p,
+    so a token whose preceding mass equals top_p exactly is dropped, and the top token is always kept."""
+    probs = np.array([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], np.float32)
+    perm = np.array([3, 0, 5, 1, 4, 2])  # vocabulary order != probability order
+    logits = np.log(probs)[perm][None]
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0, top_p))[0]
+    want_kept = set(np.flatnonzero(np.isin(perm, np.arange(kept))))
+    assert set(np.flatnonzero(np.isfinite(got))) == want_kept
+    np.testing.assert_array_equal(got[list(want_kept)], logits[0, list(want_kept)])  # kept logits unchanged
+
+
+def test_fresh_randomness_at_every_decode_step(tiny_model_cfg, tiny_params):
+    """Zero embeddings give uniform next-token logits at every step: the tokens of a row are then i.i.d.
+    uniform, so consecutive tokens agree with probability 1/V (a decode step that reused the previous
+    step's key would repeat the row's first token forever)."""
+    params = {**tiny_params, "embedding": jnp.zeros_like(tiny_params["embedding"])}
+    prompts, lens = prompts_batch(tiny_model_cfg, [5, 3])
+    scfg = SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, temperature=1.0, num_samples=64)
+    toks = np.asarray(sample(tiny_model_cfg, scfg, params, prompts, lens, jax.random.key(2))["tokens"])
+    same_as_previous = np.mean(toks[:, 1:] == toks[:, :-1])
+    assert same_as_previous < 3 / tiny_model_cfg.vocab_size  # expected 1/32 over 896 pairs
+    freq = np.bincount(toks.ravel(), minlength=tiny_model_cfg.vocab_size) / toks.size
+    assert 0.5 * np.abs(freq - 1 / tiny_model_cfg.vocab_size).sum() < 0.15  # uniform (sampling noise ~0.07)

@@ -233,13 +233,15 @@ def test_clip_branches_act_inside_the_integrated_loss():
 
 
 def test_kl_metrics_against_a_different_reference_policy(tiny_model_cfg, tiny_params):
-    """k3 KL to a reference policy other than the current one, per trajectory-percentile bin."""
+    """k3 KL to a reference policy other than the current one, per trajectory-percentile bin; both
+    policies' log-probs at the sampling temperature."""
+    temperature = 1.3
     data = batch(tiny_model_cfg.vocab_size, seed=6)
     ref_params = model.init_params(tiny_model_cfg, jax.random.key(11))
-    _, m = run_step(make_cfg(), tiny_model_cfg, tiny_params, data, ref_params=ref_params)
+    _, m = run_step(make_cfg(temperature=temperature), tiny_model_cfg, tiny_params, data, ref_params=ref_params)
     tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
-    logp = np.asarray(learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P)[0], np.float64)
-    ref = np.asarray(learner.token_stats(tiny_model_cfg, ref_params, tokens, valid, P)[0], np.float64)
+    logp = np.asarray(learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, temperature)[0], np.float64)
+    ref = np.asarray(learner.token_stats(tiny_model_cfg, ref_params, tokens, valid, P, temperature)[0], np.float64)
     k3 = np.exp(ref - logp) - (ref - logp) - 1
     lengths = np.asarray(data["lengths"])
     sums, counts = np.zeros(objective.KL_BINS), np.zeros(objective.KL_BINS)
@@ -323,3 +325,90 @@ def test_chunked_logits_and_blockwise_attention_give_the_same_update(tiny_model_
         np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
                  s1["params"], s0["params"])
+
+
+def test_scoring_pass_is_at_the_sampling_temperature(tiny_model_cfg, tiny_params):
+    """Several updates per rollout: the old log-probs of the scoring pass are the sampler's, at the
+    sampling temperature (the sampler's log-probs are the learner's next-token log-probs at that
+    temperature, tested above), so `logp_mismatch` is ~0, and nonzero for a sampler at another temperature."""
+    temperature = 1.4
+    data = batch(tiny_model_cfg.vocab_size, seed=10)
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    cfg = make_cfg(mini_batches=2, temperature=temperature, **{"credit.strategy": "uniform"})
+    tx = optax.sgd(1.0)
+    step = learner.make_rl_step(cfg, tiny_model_cfg, tx)  # one compilation for both calls
+    for sample_t, small in ((temperature, True), (1.0, False)):
+        sample_logp = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, sample_t)[0] * mask
+        state = learner.init_state(jax.tree.map(jnp.copy, tiny_params), tx, jax.random.key(0))
+        _, m = step(state, None, {**data, "sample_logp": sample_logp})
+        assert (float(m["logp_mismatch"]) < 1e-5) == small
+
+
+def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
+    """clip_cov detaches random tokens: micro-batch i draws with fold_in(key, i), so accumulating the
+    micro-batches equals summing policy_loss over them with those keys; with the same rows in both
+    micro-batches, the two draws differ (one key for every micro-batch would detach the same tokens)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=11)
+    half = {k: data[k][:B // 2] for k in ("prompts", "prompt_lens")}
+    half.update({k: data[k][:B * G // 2] for k in ("completions", "lengths", "rewards")})
+    twice = {k: jnp.concatenate([v, v]) for k, v in half.items()}  # micro-batch 1 repeats micro-batch 0
+    cfg = make_cfg(micro_batches=2, loss="clip_cov", **{"credit.strategy": "uniform", "credit.clip_cov_ratio": 0.3,
+                                                        "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9})
+    tokens, valid, mask = learner.join(twice["prompts"], twice["prompt_lens"], twice["completions"], twice["lengths"])
+    s = np.asarray(twice["rewards"]).reshape(-1, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    key = jax.random.key(4)
+    r = jnp.float32(0.0)
+    loss, grads, sums = jax.jit(lambda p, rows: learner.policy_gradient(cfg.rl, tiny_model_cfg, p, None, r, rows, P,
+                                                                         key))(tiny_params, rows)
+
+    @jax.jit
+    def micro_grad(params, tokens, valid, adv, mask, i):
+        def f(params):
+            logp, ent = learner.token_stats(tiny_model_cfg, params, tokens, valid, P, cfg.rl.temperature)
+            num, den, s = objective.policy_loss(cfg.rl, r, logp, ent, adv, mask, key=jax.random.fold_in(key, i))
+            return num, (den, s)
+        return jax.grad(f, has_aux=True)(params)
+
+    n = B * G // 2
+    parts = [micro_grad(tiny_params, tokens[i * n:(i + 1) * n], valid[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
+                        mask[i * n:(i + 1) * n], i) for i in range(2)]
+    (g0, (d0, s0)), (g1, (d1, s1)) = parts
+    den = float(d0) + float(d1)
+    want = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / den, g0, g1)
+    scale = max(float(np.abs(w).max()) for w in jax.tree.leaves(want))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * scale), grads, want)
+    assert float(sums["cov_frac"][0]) == pytest.approx(float(s0["cov_frac"][0]) + float(s1["cov_frac"][0]))
+    # the two identical micro-batches detached different tokens, so their gradients differ
+    assert not all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+                   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+
+
+def test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key(tiny_model_cfg, tiny_params):
+    """epochs 2 x mini-batches 2, SGD lr 1: four sequential updates against the sampling policy, epoch e
+    visiting the rows in the order permutation(fold_in(order_key, e)), order_key the first half of the
+    split of the step's loss key (a different order per epoch, not one order reused)."""
+    data = batch(tiny_model_cfg.vocab_size, seed=12)
+    cfg = make_cfg(epochs=2, mini_batches=2, **{"credit.strategy": "tp"})
+    state, _ = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
+
+    N = B * G
+    loss_key = learner.step_keys(jax.random.key_data(jax.random.key(0)), 1)[1]
+    order_key = jax.random.split(loss_key)[0]
+    orders = [np.asarray(jax.random.permutation(jax.random.fold_in(order_key, e), N)) for e in range(2)]
+    assert not np.array_equal(orders[0], orders[1])
+    r = jnp.float32(0.99 * (1 - 1 / 8))
+    s = np.asarray(data["rewards"]).reshape(B, G)
+    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    old_logp, old_ent = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, 1.0)
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv, "old_logp": old_logp, "old_entropy": old_ent}
+    grad = jax.jit(lambda params, mb: learner.policy_gradient(cfg.rl, tiny_model_cfg, params, None, r, mb, P)[1])
+    params = tiny_params
+    for order in orders:
+        for idx in order.reshape(2, N // 2):
+            g = grad(params, {k: v[idx] for k, v in rows.items()})
+            params = jax.tree.map(lambda p, d: p - d, params, g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 state["params"], params)

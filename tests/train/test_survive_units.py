@@ -3,7 +3,6 @@ detection, corrupt-step fallback, failed saves (a full tmpfs when we may mount o
 directory or a simulated write failure), and the non-finite step guard."""
 
 import errno
-import json
 import os
 import subprocess
 
