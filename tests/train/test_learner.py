@@ -349,15 +349,14 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
     micro-batches equals summing policy_loss over them with those keys; with the same rows in both
     micro-batches, the two draws differ (one key for every micro-batch would detach the same tokens)."""
     data = batch(tiny_model_cfg.vocab_size, seed=11)
-    half = {k: data[k][:B // 2] for k in ("prompts", "prompt_lens")}
-    half.update({k: data[k][:B * G // 2] for k in ("completions", "lengths", "rewards")})
-    twice = {k: jnp.concatenate([v, v]) for k, v in half.items()}  # micro-batch 1 repeats micro-batch 0
     cfg = make_cfg(micro_batches=2, loss="clip_cov", **{"credit.strategy": "uniform", "credit.clip_cov_ratio": 0.3,
                                                         "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9})
-    tokens, valid, mask = learner.join(twice["prompts"], twice["prompt_lens"], twice["completions"], twice["lengths"])
-    s = np.asarray(twice["rewards"]).reshape(-1, G)
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    s = np.asarray(data["rewards"]).reshape(-1, G)
     adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
-    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    # every row twice in a row: the two (strided) micro-batches hold the same rows
+    dup = lambda x: jnp.repeat(x, 2, axis=0)
+    rows = {"tokens": dup(tokens), "valid": dup(valid), "mask": dup(mask), "adv": dup(adv)}
     key = jax.random.key(4)
     r = jnp.float32(0.0)
     loss, grads, sums = jax.jit(lambda p, rows: learner.policy_gradient(cfg.rl, tiny_model_cfg, p, None, r, rows, P,
@@ -371,9 +370,10 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
             return num, (den, s)
         return jax.grad(f, has_aux=True)(params)
 
-    n = B * G // 2
-    parts = [micro_grad(tiny_params, tokens[i * n:(i + 1) * n], valid[i * n:(i + 1) * n], adv[i * n:(i + 1) * n],
-                        mask[i * n:(i + 1) * n], i) for i in range(2)]
+    mbs = [jax.tree.map(lambda x: learner.micro_split(x, 2)[i], rows) for i in range(2)]
+    for k in rows:
+        np.testing.assert_array_equal(np.asarray(mbs[0][k]), np.asarray(mbs[1][k]))
+    parts = [micro_grad(tiny_params, mb["tokens"], mb["valid"], mb["adv"], mb["mask"], i) for i, mb in enumerate(mbs)]
     (g0, (d0, s0)), (g1, (d1, s1)) = parts
     den = float(d0) + float(d1)
     want = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / den, g0, g1)
