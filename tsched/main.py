@@ -11,6 +11,7 @@ A run that stops early prints one line to stderr and exits with (see `tsched.tra
 be written (the message names the path).
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -59,7 +60,10 @@ def main(argv):
             if status is None:
                 raise
             print(f"tsched: {e}", file=sys.stderr, flush=True)
-            sys.exit(status)
+            sys.stdout.flush()
+            # Everything is on disk (saves are synchronous): skip interpreter teardown, where checkpointer
+            # and XLA threads still running at a preemption crashed the process (SIGSEGV) now and then.
+            os._exit(status)
     except ConfigError as e:
         config_error(str(e))
 

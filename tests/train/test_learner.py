@@ -42,6 +42,20 @@ def batch(vocab, seed=0):
         ("completions", completions, jnp.int32), ("lengths", lengths, jnp.int32), ("rewards", rewards, jnp.float32))}
 
 
+def np_grpo(rewards):
+    """GRPO advantages [N] from the formula: (s - mean_g) / (std_g + 1e-6), unbiased std over each group."""
+    s = np.asarray(rewards, np.float64).reshape(-1, G)
+    return ((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1).astype(np.float32)
+
+
+def sampling_policy_rows(mcfg, params, data):
+    """The rows of an update against the policy that sampled: old log-probs and entropies from `params`."""
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    old_logp, old_ent = learner.token_stats(mcfg, params, tokens, valid, P, 1.0)
+    return {"tokens": tokens, "valid": valid, "mask": mask, "adv": jnp.asarray(np_grpo(data["rewards"])),
+            "old_logp": old_logp, "old_entropy": old_ent}
+
+
 def run_step(cfg, mcfg, params, data, with_ref=True, ref_params=None):
     # Plain SGD: parameter changes are the gradients themselves (Adam's first step is lr * sign(g),
     # which turns float rounding in near-zero gradients into full-size differences).
@@ -95,8 +109,7 @@ def test_loss_matches_numpy_reference(tiny_model_cfg, tiny_params):
     _, m = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
     lens, rewards = np.asarray(data["lengths"]), np.asarray(data["rewards"])
     r = np.float32(0.99 * (1 - 1 / 8))
-    s = rewards.reshape(B, G)
-    adv = ((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+    adv = np_grpo(rewards)
     # at the first update the ratio is 1, so the clipped loss of each selected token is -A
     num = den = 0.0
     for i in range(B * G):
@@ -184,8 +197,7 @@ def test_update_gradient_at_the_temperature_matches_a_direct_computation(tiny_mo
     data = batch(tiny_model_cfg.vocab_size, seed=4)
     cfg = make_cfg(temperature=temperature, **{"credit.strategy": "uniform"})
     state, metrics = run_step(cfg, tiny_model_cfg, tiny_params, data, with_ref=False)
-    s = np.asarray(data["rewards"]).reshape(B, G)
-    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    adv = jnp.asarray(np_grpo(data["rewards"]))
     tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
 
     def direct(params):
@@ -267,11 +279,7 @@ def test_two_epochs_equal_two_sequential_updates_against_the_sampling_policy(tin
     assert int(state["step"]) == 1  # one rollout batch = one schedule step
 
     r = jnp.float32(0.99 * (1 - 1 / 8))
-    s = np.asarray(data["rewards"]).reshape(B, G)
-    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
-    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
-    old_logp, old_ent = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, 1.0)
-    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv, "old_logp": old_logp, "old_entropy": old_ent}
+    rows = sampling_policy_rows(tiny_model_cfg, tiny_params, data)
     params = tiny_params
     for _ in range(2):
         _, g, _ = learner.policy_gradient(cfg.rl, tiny_model_cfg, params, None, r, rows, P)
@@ -352,8 +360,7 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
     cfg = make_cfg(micro_batches=2, loss="clip_cov", **{"credit.strategy": "uniform", "credit.clip_cov_ratio": 0.3,
                                                         "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9})
     tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
-    s = np.asarray(data["rewards"]).reshape(-1, G)
-    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
+    adv = jnp.asarray(np_grpo(data["rewards"]))
     # every row twice in a row: the two (strided) micro-batches hold the same rows
     dup = lambda x: jnp.repeat(x, 2, axis=0)
     rows = {"tokens": dup(tokens), "valid": dup(valid), "mask": dup(mask), "adv": dup(adv)}
@@ -399,11 +406,7 @@ def test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key(tiny_model_cfg,
     orders = [np.asarray(jax.random.permutation(jax.random.fold_in(order_key, e), N)) for e in range(2)]
     assert not np.array_equal(orders[0], orders[1])
     r = jnp.float32(0.99 * (1 - 1 / 8))
-    s = np.asarray(data["rewards"]).reshape(B, G)
-    adv = jnp.asarray(((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-6)).reshape(-1))
-    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
-    old_logp, old_ent = learner.token_stats(tiny_model_cfg, tiny_params, tokens, valid, P, 1.0)
-    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv, "old_logp": old_logp, "old_entropy": old_ent}
+    rows = sampling_policy_rows(tiny_model_cfg, tiny_params, data)
     grad = jax.jit(lambda params, mb: learner.policy_gradient(cfg.rl, tiny_model_cfg, params, None, r, mb, P)[1])
     params = tiny_params
     for order in orders:
