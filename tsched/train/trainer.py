@@ -40,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 from etils import epath
+from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from tsched import config as config_lib
@@ -135,19 +136,10 @@ class _Signals:
 _RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size")
 
 
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _config_differences(cfg, path: str) -> list[str]:
     """`field: old -> new` for the result-changing fields where `cfg` differs from the config.json at path."""
-    old = _flat(json.loads(epath.Path(path).read_text()))
-    new = _flat(json.loads(cfg.to_json_best_effort()))
+    old = flatten_dict(json.loads(epath.Path(path).read_text()), sep=".")
+    new = flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
     missing = "(absent)"
     return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in sorted(set(old) | set(new))
             if not k.startswith(_RESUME_FREE) and old.get(k, missing) != new.get(k, missing)]
