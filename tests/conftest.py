@@ -1,13 +1,26 @@
 """Shared fixtures. Multi-device tests run in subprocesses (the device count is fixed at JAX start-up)."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# One persistent XLA compilation cache per test session, set before JAX is imported: most of the suite's
+# time is compiling, and many tests (and the `tsched.main` subprocesses they start, which inherit the
+# environment) build the same programs from fresh closures. Identical programs then compile once. The
+# xdist workers inherit the controller's directory; it starts empty, so a run measures a cold machine.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="tsched-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 @pytest.fixture(scope="session")

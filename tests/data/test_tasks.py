@@ -21,6 +21,8 @@ def independent_answer(p: tasks.Problem) -> str:
         nums = list(map(int, re.findall(r"\d+", expr)))
         ops = re.findall(r"[+-]", expr)
         return str(nums[0] + sum(n if o == "+" else -n for o, n in zip(ops, nums[1:])))
+    if p.family == "chain":
+        return str(sum(map(int, re.fullmatch(r"Add ([0-9+]+)\.", p.problem).group(1).split("+"))))
     if p.family == "gcd":
         a, b = map(int, re.findall(r"\d+", p.problem))
         return str(math.gcd(a, b))
@@ -41,10 +43,14 @@ def test_answers_are_exact_and_solutions_end_with_them(family, difficulty):
         assert verifiers.VERIFIERS[p.verifier](p.solution + "\nAnswer: 123456789", p.answer)[0] == 0.0
 
 
-def test_every_step_of_an_arith_solution_is_correct():
-    p = tasks.arith(np.random.default_rng(0), 8)
-    for lhs, rhs in re.findall(r"(-?\d+[+-]\d+)=(-?\d+)\.", p.solution):
-        a, op, b = re.fullmatch(r"(-?\d+)([+-])(\d+)", lhs).groups()
+@pytest.mark.parametrize("family", ["arith", "chain"])
+def test_every_step_of_a_running_sum_is_correct_and_uses_the_next_operand(family):
+    p = tasks.FAMILIES[family](np.random.default_rng(0), 8)
+    operands = re.findall(r"[+-]?\d+", p.problem)
+    steps = re.findall(r"(-?\d+)([+-])(\d+)=(-?\d+)\.", p.solution)
+    assert len(steps) == len(operands) - 1
+    for (a, op, b, rhs), operand in zip(steps, operands[1:]):
+        assert op + b == operand
         assert int(a) + (int(b) if op == "+" else -int(b)) == int(rhs)
 
 

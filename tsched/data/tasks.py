@@ -90,8 +90,24 @@ def sort(rng: np.random.Generator, difficulty: int) -> Problem:
                    " ".join(steps) + f" {ANSWER_PREFIX}{answer}", answer, "exact")
 
 
+def chain(rng: np.random.Generator, difficulty: int) -> Problem:
+    """Running sum of 3*difficulty+3 one-digit numbers, one addition per step.
+
+    Each step is easy (a two-digit number plus a digit) and the trace is long (difficulty 1-3: 6-12
+    numbers, about 55-110 tokens) with the answer only at the end: a small model learns the steps
+    quickly, and a sampled trace fails when any one of them slips, which is what RL at temperature 1
+    improves on."""
+    nums = [int(v) for v in rng.integers(1, 10, size=3 * difficulty + 3)]
+    acc, steps = nums[0], []
+    for n in nums[1:]:
+        steps.append(f"{acc}+{n}={acc + n}.")
+        acc += n
+    return Problem("chain", difficulty, "Add " + "+".join(map(str, nums)) + ".",
+                   " ".join(steps) + f" {ANSWER_PREFIX}{acc}", str(acc), "numeric")
+
+
 FAMILIES: dict[str, Callable[[np.random.Generator, int], Problem]] = {
-    "arith": arith, "mult": mult, "gcd": gcd, "sort": sort}
+    "arith": arith, "mult": mult, "gcd": gcd, "sort": sort, "chain": chain}
 
 
 def parse_families(spec: str) -> list[str]:
