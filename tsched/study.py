@@ -39,8 +39,9 @@ import numpy as np
 
 from tsched import sweep
 
-# Threads one run keeps busy: a run (sampling, then the update, of small matrices) used ~0.7 of a core
-# on average on the 2-core development machine, so the default runs one study run per core.
+# CPU cores one run is counted for in the default --parallel: the CPU experiments' runs are small-matrix
+# work with Python between the steps (a tiny run: 57 s of CPU time in 88 s of wall time on a shared 2-core
+# machine), so one run per core.
 RUN_THREADS = 1
 STAGES = {"entropy_first10": "first 10%", "entropy_mid45_55": "45-55%", "entropy_last10": "last 10%"}  # objective.STAGES
 KL_BINS = 10  # tsched.rl.objective.KL_BINS (not imported: this module loads without JAX)
@@ -341,27 +342,29 @@ def fixed_flags(study: Study, extra: list[str]) -> list[str]:
     return [f"--config.{k}={v}" for k, v in study.overrides.items()] + extra
 
 
-def check(study: Study, runs: list[StudyRun], fixed: list[str]) -> bool:
+def check(study: Study, runs: list[StudyRun], fixed: list[str]) -> int:
     """Validates every run's config before any starts (ValueError naming the run and the flag) and that each
-    method's SFT is the baseline's (else the warm start would refuse). -> whether SFT is shared (a config
-    with no SFT, e.g. from a pretrained model, has none to share)."""
+    method's SFT is the baseline's (else the warm start would refuse). -> the SFT steps the runs share (0: a
+    config with no SFT, e.g. from a pretrained model, has none to share)."""
     from tsched.config import sft_steps, warm_start_differences
 
     cfgs = {}
     for r in runs:  # validated without the warm start, which exists only once the baseline has run
         own = sweep.Run(r.run.name, tuple(o for o in r.run.overrides if o[0] != "sft.warm_start"))
         cfgs[r.method, r.seed] = sweep.check_configs(r.config, fixed, [own])[0]
-    share = sft_steps(cfgs[study.baseline, study.seeds[0]]) > 0
+    steps = sft_steps(cfgs[study.baseline, study.seeds[0]])
     for (method, seed), cfg in cfgs.items():
-        diffs = warm_start_differences(cfg, cfgs[study.baseline, seed].to_json_best_effort()) if share else []
+        diffs = warm_start_differences(cfg, cfgs[study.baseline, seed].to_json_best_effort()) if steps else []
         if diffs:
             raise ValueError(f"run {run_name(method, seed)}: its SFT would differ from the baseline's "
                              f"{study.baseline!r} ({'; '.join(diffs)}), so it cannot share that SFT")
-    return share
+    return steps
 
 
-def execute(study: Study, runs: list[StudyRun], fixed: list[str], root: str, parallel: int, env: dict | None = None) -> dict:
-    """Runs what is not finished, each seed's baseline before the others of that seed -> {run name: status}."""
+def execute(study: Study, runs: list[StudyRun], fixed: list[str], root: str, parallel: int, sft_steps: int,
+            env: dict | None = None) -> dict:
+    """Runs what is not finished, each seed's baseline before the others of that seed (whose SFT, of
+    `sft_steps` steps, they start from) -> {run name: status}."""
     from tsched.train.checkpoint import complete_steps
 
     done = lambda r: os.path.exists(os.path.join(root, r.run.name, "summary.json"))
@@ -380,7 +383,7 @@ def execute(study: Study, runs: list[StudyRun], fixed: list[str], root: str, par
         def release(seed: int) -> None:  # the seed's other methods, once its SFT checkpoint is there
             for r in waiting.pop(seed):
                 warm = dict(r.run.overrides).get("sft.warm_start")
-                if warm is None or complete_steps(os.path.join(warm, "ckpt", "sft")):
+                if warm is None or sft_steps in complete_steps(os.path.join(warm, "ckpt", "sft")):
                     submit(r)
                 else:
                     status[r.run.name] = f"not run (no SFT checkpoint in {warm})"
@@ -475,7 +478,7 @@ def figures(root: str, data: dict, metric: str) -> dict:
     plot(os.path.join(root, files["kl_percentile"]),
          [(f"KL to the initial policy at {round(100 * f)}% of training", "trajectory percentile",
            per_method(lambda s, rows, f=f: (pct, kl_profile(rows, s["rl_steps"], f)))) for f in KL_POINTS],
-         "KL (k3) per token", f"{band}; mean of the steps within {round(100 * WINDOW)}% of training of each point")
+         "KL per token (rl.kl_estimator)", f"{band}; mean of the steps within {round(100 * WINDOW)}% of training of each point")
     return files
 
 
@@ -492,7 +495,8 @@ def markdown(study: Study, order: list[str], status: dict, wall: dict, stats: di
     lines = [f"# Study `{study.name}`", "",
              f"{len(methods)} methods x seeds {list(study.seeds)}; each seed's methods start RL from the SFT of its "
              f"`{study.baseline}` run. Accuracy is {metric} on the held-out problems. Cells: mean over seeds "
-             f"[95% t-interval of the mean] (n = seeds with a finished run).", "",
+             f"[95% t-interval of the mean] (n = seeds with a finished run). Overrides of every run: "
+             f"`{json.dumps(study.overrides)}`.", "",
              "## Accuracy", "",
              "| method | seeds | before RL | after RL (final) | best (during and after RL) |", "| --- | --- | --- | --- | --- |"]
     for m in methods:
@@ -523,7 +527,10 @@ def markdown(study: Study, order: list[str], status: dict, wall: dict, stats: di
         for t in c["tests"]:
             per_seed = ", ".join(f"seed {s}: {_signed(v)}" for s, v in t["per_seed"].items()) or "no seeds"
             lines.append(f"   - `{t['test']}`: {per_seed}; mean {iv(t['interval'], '{:+.3f}')} -> {t['verdict']}")
-    lines += ["", "## Figures", ""] + [f"![{k}]({f})" for k, f in files.items()]
+    lines += ["", "## Figures", "", "Lines: means over seeds; bands: min-max over seeds (the tables give the intervals). "
+              f"Curves over training are trailing means over {100 * WINDOW:g}% of the RL steps; the KL profiles average "
+              f"the steps within {100 * WINDOW:g}% of training of the {' and '.join(f'{100 * f:g}%' for f in KL_POINTS)} "
+              f"points.", ""] + [f"![{k}]({f})" for k, f in files.items()]
     lines += ["", "## Runs", "", "| run | status | wall time s |", "| --- | --- | --- |"]
     lines += [f"| {n} | {status.get(n, '')} | {wall.get(n, '')} |" for n in order]
     return "\n".join(lines) + "\n"
@@ -558,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any --config.FIELD=VALUE overrides that field in every run (after the study's overrides).")
     parser.add_argument("--study", required=True, help="configs/studies/<NAME>.py, or a path to a study file")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the study's")
-    parser.add_argument("--parallel", type=int, default=max(1, len(os.sched_getaffinity(0)) // RUN_THREADS),
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--parallel", type=int, default=max(1, cores // RUN_THREADS),
                         help="runs at once (default: CPU cores // %(const)s)".replace("%(const)s", str(RUN_THREADS)))
     parser.add_argument("--root", help="directory of the runs and the report (default runs/study-<NAME>)")
     args, extra = parser.parse_known_args(argv)
@@ -574,15 +582,15 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study, args.seeds)
         root = args.root or os.path.join("runs", f"study-{study.name}")
         fixed = fixed_flags(study, extra)
-        share = check(study, plan(study, root), fixed)
+        sft_steps = check(study, plan(study, root), fixed)
     except ValueError as e:
         parser.error(str(e))
-    runs = plan(study, root, share)
+    runs = plan(study, root, share_sft=sft_steps > 0)
     os.makedirs(root, exist_ok=True)
     # The runs share one persistent compilation cache: a method's programs compile once, not once per seed.
     env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(root, ".jax_cache"), **os.environ}
     t0 = time.monotonic()
-    status = execute(study, runs, fixed, root, args.parallel, env)
+    status = execute(study, runs, fixed, root, args.parallel, sft_steps, env)
     print(f"study {study.name}: {len(runs)} runs in {time.monotonic() - t0:.0f} s", flush=True)
     print(report(study, runs, root, status))
     return 0 if all(not s.startswith(("failed", "not run")) for s in status.values()) else 1
