@@ -138,8 +138,6 @@ class _Signals:
 _RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size")
 
 
-
-
 def _checkpoint_dirs(run_dir) -> dict:
     return {phase: epath.Path(run_dir) / "ckpt" / phase for phase in ("sft", "rl")}
 
