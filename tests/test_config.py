@@ -142,3 +142,40 @@ def test_data_cache_is_outside_the_run_dir():
     assert config.data_dir(cfg) == os.path.abspath("runs/.data")
     cfg.data.data_dir = "/data/cache"
     assert config.data_dir(cfg) == "/data/cache"
+
+
+def fake_sft_run(path, cfg, steps):
+    """A run directory as a finished SFT leaves it: config.json and the files of a complete checkpoint."""
+    step = path / "ckpt" / "sft" / str(steps)
+    (step / "state").mkdir(parents=True)
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    (step / "state" / "_METADATA").write_text("{}")
+    (path / "config.json").write_text(cfg.to_json_best_effort())
+    return str(path)
+
+
+def test_warm_start_must_be_a_finished_sft_of_the_same_config(tmp_path):
+    base = base_config()
+    base.sft.steps = 30
+    run = fake_sft_run(tmp_path / "base", base, 30)
+    cfg = base_config()
+    cfg.sft.steps, cfg.sft.warm_start = 30, run
+    cfg.data.data_dir, cfg.rl.credit.strategy, cfg.rl.lr = "/elsewhere", "uniform", 3e-4  # not SFT's business
+    validate(cfg, num_devices=1)
+    for field, value, needle in [("model.d_model", 64, "model.d_model: 128 -> 64"), ("seed", 1, "seed: 0 -> 1"),
+                                 ("data.families", "gcd", "data.families"), ("sft.lr", 1e-3, "sft.lr"),
+                                 ("tokenizer.vocab_size", 80, "tokenizer.vocab_size")]:
+        bad = base_config()
+        bad.sft.steps, bad.sft.warm_start = 30, run
+        set_field(bad, field, value)
+        with pytest.raises(ConfigError, match=r"'sft.warm_start'.*different config.*" + needle.replace(".", r"\.")):
+            validate(bad, num_devices=1)
+    cfg.sft.steps = 40  # its checkpoint is of 30 steps, the config asks for 40
+    with pytest.raises(ConfigError, match=r"'sft.warm_start'.*no finished SFT checkpoint .*ckpt/sft/40"):
+        validate(cfg, num_devices=1)
+    cfg.sft.steps = 0
+    with pytest.raises(ConfigError, match=r"'sft.warm_start'.*runs no SFT"):
+        validate(cfg, num_devices=1)
+    cfg.sft.steps, cfg.sft.warm_start = 30, str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"'sft.warm_start'.*config.json \(no such directory\)"):
+        validate(cfg, num_devices=1)

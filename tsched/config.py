@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.batch_size = 64
     c.sft.lr = 3e-3
     c.sft.warmup_steps = 50
+    # A run directory whose final SFT checkpoint this run starts RL from instead of running SFT itself
+    # (tsched.study shares one SFT per seed among methods). Its SFT must be the one this config would run:
+    # the fields of WARM_START_FIELDS must be equal (checked by validate).
+    c.sft.warm_start = ""
 
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 160
@@ -200,6 +204,63 @@ def sft_steps(cfg) -> int:
     if cfg.sft.steps >= 0:
         return cfg.sft.steps
     return 0 if cfg.model.init_from else SFT_STEPS_FROM_SCRATCH
+
+
+# Fields that decide what SFT produces (with sft_steps(cfg)): a warm start must agree on all of them, so
+# starting from it gives exactly the parameters this run's own SFT would have given.
+WARM_START_FIELDS = ("seed", "data.", "tokenizer.", "model.", "sft.")
+_WARM_START_FREE = ("data.data_dir", "sft.warm_start")
+
+
+def config_differences(cfg, saved_json: str, compared=None, free=()) -> list[str]:
+    """`field: saved -> cfg` for each field whose value differs between `cfg` and a saved config.json's
+    text, among the fields starting with one of `compared` (None: all) and none of `free`."""
+    import json
+
+    from flax.traverse_util import flatten_dict
+
+    old = flatten_dict(json.loads(saved_json), sep=".")
+    new = flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
+    missing = "(absent)"
+    keys = [k for k in sorted(set(old) | set(new))
+            if (compared is None or k.startswith(compared)) and not k.startswith(free)]
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in keys
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def warm_start_differences(cfg, saved_json: str) -> list[str]:
+    """The differences in WARM_START_FIELDS between `cfg` and the config (json text) of a would-be warm start."""
+    return config_differences(cfg, saved_json, WARM_START_FIELDS, _WARM_START_FREE)
+
+
+def warm_start_checkpoint(cfg) -> str:
+    """The SFT checkpoint `sft.warm_start` names: `<run dir>/ckpt/sft/<sft_steps(cfg)>`."""
+    return os.path.join(cfg.sft.warm_start, "ckpt", "sft", str(sft_steps(cfg)))
+
+
+def _validate_warm_start(cfg) -> None:
+    """`sft.warm_start` is a run directory with a finished SFT of `sft_steps(cfg)` steps, written by a config
+    equal to this one in every field of WARM_START_FIELDS."""
+    path = cfg.sft.warm_start
+    if not path:
+        return
+    from etils import epath  # run directories may be on an object store
+
+    from tsched.train.checkpoint import complete_steps
+
+    if sft_steps(cfg) == 0:
+        _fail("sft.warm_start", path, "this config runs no SFT (sft.steps resolves to 0): leave it empty")
+    config_json = epath.Path(path) / "config.json"
+    if not config_json.is_file():
+        _fail("sft.warm_start", path, "must be a run directory with a config.json"
+              + ("" if epath.Path(path).is_dir() else " (no such directory)"))
+    if sft_steps(cfg) not in complete_steps(os.path.dirname(warm_start_checkpoint(cfg))):
+        _fail("sft.warm_start", path, f"has no finished SFT checkpoint {warm_start_checkpoint(cfg)} "
+                                      f"(SFT of {sft_steps(cfg)} steps)")
+    diffs = warm_start_differences(cfg, config_json.read_text())
+    if diffs:
+        _fail("sft.warm_start", path, f"its SFT was run by a different config ({'; '.join(diffs)}); the fields "
+                                      f"{list(WARM_START_FIELDS)} (but {list(_WARM_START_FREE)}) must be equal")
 
 
 def pass_ks(cfg) -> list[int]:
@@ -333,6 +394,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _fail("eval.num_problems", cfg.eval.num_problems, f"must be <= data.eval_size ({cfg.data.eval_size})")
     _validate_data(cfg)
     _validate_init_from(cfg)
+    _validate_warm_start(cfg)
     try:
         ks = [int(k) for k in str(cfg.eval.pass_k).split(",") if k.strip()]
     except ValueError:

@@ -76,9 +76,11 @@ def expand(specs: list[str]) -> list[Run]:
     return runs
 
 
-def check_configs(config: str, fixed: list[str], runs: list[Run]) -> None:
+def check_configs(config: str, fixed: list[str], runs: list[Run]) -> list:
     """Parses every run's command line the way `tsched.main` will and validates it: a bad field,
-    type or enum value fails here, before any run starts. Raises ValueError naming the flag."""
+    type or enum value fails here, before any run starts. Raises ValueError naming the flag.
+
+    -> the runs' configs (`ml_collections.ConfigDict`), in the order of `runs`."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -86,6 +88,7 @@ def check_configs(config: str, fixed: list[str], runs: list[Run]) -> None:
 
     if not os.path.exists(config.split(":", 1)[0]):
         raise ValueError(f"flag --config={config}: no such file {config.split(':', 1)[0]!r}")
+    configs = []
     for run in runs:
         argv = ["tsched.main", f"--config={config}", *fixed, *run.flags()]
         values = flags.FlagValues()
@@ -99,10 +102,13 @@ def check_configs(config: str, fixed: list[str], runs: list[Run]) -> None:
             raise ValueError(f"run {run.name}: flag {flag}: unknown config field") from None
         except (flags.Error, OSError, ValueError) as e:
             raise ValueError(f"run {run.name}: {str(e).splitlines()[0]}") from None
+        configs.append(values.config)
+    return configs
 
 
-def run_one(run: Run, config: str, fixed: list[str], root: str) -> tuple[str, float]:
+def run_one(run: Run, config: str, fixed: list[str], root: str, env: dict | None = None) -> tuple[str, float]:
     """Runs `tsched.main` for one point (output to `<root>/<name>/stdout.log`) -> (status, seconds).
+    env: the process environment (None: this one's).
 
     `train.resume=True` continues an interrupted run from its checkpoint; with no checkpoint it is a
     fresh run, and it keeps the trainer from moving the run directory (holding our log) aside.
@@ -113,7 +119,7 @@ def run_one(run: Run, config: str, fixed: list[str], root: str) -> tuple[str, fl
            f"--config.run_dir={run_dir}", "--config.train.resume=True"]
     start = time.monotonic()
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
     return ("done" if code == 0 else f"failed (exit {code})"), time.monotonic() - start
 
 

@@ -79,6 +79,30 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted):
     assert [r["step"] for r in rows if r["phase"] == "rl"] == list(range(1, 9))
 
 
+def test_warm_start_from_another_runs_sft_gives_that_runs_rl_exactly(uninterrupted):
+    """sft.warm_start restores the other run's final SFT state instead of training: with the same config the
+    RL that follows is the other run's, bitwise (what tsched.study relies on to share one SFT per seed)."""
+    from tsched.train import trainer
+    from tsched.train.checkpoint import complete_steps
+
+    tmp, full_cfg, full_summary = uninterrupted
+    cfg = tiny(base_config(), tmp, "warm", sft__warm_start=full_cfg.run_dir)
+    summary = json.load(open(trainer.run(cfg)))
+    assert summary["sft_warm_start"] == full_cfg.run_dir
+    assert complete_steps(os.path.join(cfg.run_dir, "ckpt", "sft")) == []  # nothing trained, nothing saved
+    rows = lambda d: [json.loads(ln) for ln in open(os.path.join(d, "metrics.jsonl"))]
+    assert {r["phase"] for r in rows(cfg.run_dir)} == {"rl"}
+    timing = ("sample_s", "verify_s", "update_s", "sample_tokens_per_s", "verify_latency_p50_s", "verify_latency_p99_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs if r["phase"] == "rl"]
+    assert strip(rows(cfg.run_dir)) == strip(rows(full_cfg.run_dir))
+    full = json.load(open(full_summary))
+    for key in ("eval_per_set_before_rl", "eval_per_set_after_rl"):
+        assert summary[key] == full[key]
+    a, b = final_params(full_cfg.run_dir, 8), final_params(cfg.run_dir, 8)
+    for (k, x), (_, y) in zip(sorted(_flatten(a).items()), sorted(_flatten(b).items())):
+        np.testing.assert_array_equal(x, y, err_msg=k)
+
+
 def _flatten(tree, prefix=""):
     if isinstance(tree, dict):
         out = {}

@@ -107,6 +107,22 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path
     ckpt.close()
 
 
+def test_a_read_only_checkpointer_restores_and_changes_nothing(tmp_path):
+    """How a run reads another run's SFT (sft.warm_start): that run's in-progress saves are left alone."""
+    ckpt = Checkpointer(str(tmp_path / "sft"), keep=1)
+    ckpt.save(3, _state(3), {"iterator": 3})
+    ckpt.close()
+    os.makedirs(tmp_path / "sft" / "4.orbax-checkpoint-tmp-1700000000")  # what a writer cleans up on start
+    listing = sorted(os.walk(tmp_path))
+    reader = Checkpointer(str(tmp_path / "sft"), read_only=True)
+    state, data = reader.restore(3, _state())
+    reader.close()
+    assert float(state["params"]["w"][0, 0]) == 3.0 and int(state["step"]) == 3 and data == {"iterator": 3}
+    assert sorted(os.walk(tmp_path)) == listing
+    assert Checkpointer(str(tmp_path / "nothing"), read_only=True).latest_step() is None
+    assert not os.path.exists(tmp_path / "nothing")
+
+
 def _mount_tmpfs(path, size):
     os.makedirs(path)
     if os.geteuid() != 0:

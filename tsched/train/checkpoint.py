@@ -43,12 +43,15 @@ def complete_steps(directory) -> list[int]:
 
 
 class Checkpointer:
-    def __init__(self, directory, keep: int = 2):
+    def __init__(self, directory, keep: int = 2, read_only: bool = False):
+        """read_only: only restore, and change nothing in `directory` (another run's checkpoints)."""
         # Orbax needs absolute paths; run_dir is usually relative to where the user launched (gs:// and
         # other object-store paths are absolute already).
         directory = str(directory)
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                               cleanup_tmp_directories=not read_only,
+                                               read_only=read_only, create=not read_only,
                                                # Synchronous: the next step donates the state buffers.
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

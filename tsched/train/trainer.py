@@ -4,6 +4,9 @@ Data is the built-in task suite or the user's files (`data.source`, tsched.data.
 the model is fresh or the Hugging Face checkpoint `model.init_from` (with its tokenizer and end ids,
 and no toy SFT unless `sft.steps` says so); `train.export_hf` writes the final policy to `<run_dir>/hf`.
 
+`sft.warm_start` names another run directory whose final SFT checkpoint replaces this run's SFT (validated
+to be the SFT this config would run, `config.WARM_START_FIELDS`): several RL runs share one SFT.
+
 Resume order (`train.resume=auto` or `True` on the same run_dir, with a checkpoint in it): the run_dir's
 `config.json` is compared with the config (fields that change the result must match unless
 `train.force_resume`); the tokenizer and dataset are found in the data cache (`config.data_dir`); SFT
@@ -40,7 +43,6 @@ import time
 import jax
 import jax.numpy as jnp
 from etils import epath
-from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from tsched import config as config_lib
@@ -136,15 +138,6 @@ class _Signals:
 _RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size")
 
 
-def _config_differences(cfg, path: str) -> list[str]:
-    """`field: old -> new` for the result-changing fields where `cfg` differs from the config.json at path."""
-    old = flatten_dict(json.loads(epath.Path(path).read_text()), sep=".")
-    new = flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
-    missing = "(absent)"
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in sorted(set(old) | set(new))
-            if not k.startswith(_RESUME_FREE) and old.get(k, missing) != new.get(k, missing)]
-
-
 def _checkpoint_dirs(run_dir) -> dict:
     return {phase: epath.Path(run_dir) / "ckpt" / phase for phase in ("sft", "rl")}
 
@@ -160,7 +153,7 @@ def _resolve_resume(cfg) -> bool:
     if mode == "never" or not has_checkpoint:
         return False
     path = epath.Path(cfg.run_dir) / "config.json"
-    diffs = _config_differences(cfg, path) if path.exists() else []
+    diffs = config_lib.config_differences(cfg, path.read_text(), free=_RESUME_FREE) if path.exists() else []
     if diffs and not cfg.train.force_resume:
         raise ConfigError(f"config field 'train.resume' = {cfg.train.resume!r}: {cfg.run_dir} was written by a "
                           f"different config ({'; '.join(diffs)}); set train.force_resume=True to resume it "
@@ -354,6 +347,7 @@ def _run(cfg, t_start, signals) -> str:
         "init_from": cfg.model.init_from, "data_source": cfg.data.source, "template": cfg.data.template,
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
         "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
+        "sft_warm_start": cfg.sft.warm_start,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
     path = run_dir / "summary.json"
@@ -378,6 +372,12 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
         return params, True
     tx = learner.make_optimizer(cfg.sft.lr, 1.0, cfg.sft.warmup_steps, steps)
     state = learner.init_state(params, tx)
+    if cfg.sft.warm_start:  # another run's final SFT state, restored like our own (validate checked it matches)
+        warm = Checkpointer(epath.Path(config_lib.warm_start_checkpoint(cfg)).parent, read_only=True)
+        state, _ = warm.restore(steps, state, with_data=False)
+        warm.close()
+        print(f"SFT warm start: step {steps} of {cfg.sft.warm_start}")
+        return state["params"], True
     step_fn = learner.make_sft_step(model_cfg, tx)
     encode = pipeline.encoder(cfg, tok, solutions=True)
     it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
