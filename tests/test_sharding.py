@@ -74,3 +74,37 @@ def test_sharded_equals_single_device(mesh_shape, memory_saving):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]
+
+
+def test_a_state_built_on_the_mesh_compiles_its_step_once(tiny_model_cfg, tiny_params):
+    """The step counter, key and optimizer counts are made outside jit; placed beside the parameters, the
+    jitted step's second call reuses the first call's executable (otherwise: one extra compile per run)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from ml_collections import ConfigDict
+
+    from tsched import model, sharding
+    from tsched.train import learner
+
+    mesh = sharding.make_mesh(ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+    params = jax.device_put(jax.tree.map(jnp.copy, tiny_params),  # the step donates its state
+                            sharding.logical_to_sharding(model.logical_axes(tiny_model_cfg), mesh))
+    tx = optax.adam(1e-3)
+    state = learner.init_state(params, tx, jax.random.key(0))
+    step = learner.make_sft_step(tiny_model_cfg, tx)
+    batch = (jnp.ones((4, 3), jnp.int32), jnp.full((4,), 3, jnp.int32), jnp.ones((4, 5), jnp.int32),
+             jnp.full((4,), 5, jnp.int32))
+    state, _ = step(state, *batch)
+    compiles = []
+    listener = lambda event, duration_s, **kw: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            state, _ = step(state, *batch)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert int(state["step"]) == 3
+    # a pytree off any mesh is left as it is
+    assert sharding.colocate({"a": jnp.zeros(2)}, {"b": jnp.zeros(2)})["a"].sharding == jnp.zeros(2).sharding

@@ -61,3 +61,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def colocate(tree, like):
+    """`tree` with every leaf that is not on the mesh of `like` (a placed pytree such as the parameters)
+    replicated over that mesh; `tree` unchanged when `like` is not on a mesh.
+
+    Scalars made outside jit (a step counter, a key, optimizer counts) sit on one device, while a jitted
+    step returns them on the mesh: left so, the step compiles twice, for its first call and the rest."""
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(like) if isinstance(x.sharding, NamedSharding)), None)
+    if mesh is None:
+        return tree
+    on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+    return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(mesh)), tree)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from tsched import model as model_lib
+from tsched import sharding
 from tsched.rl import advantages as adv_lib
 from tsched.rl import objective, schedules
 
@@ -32,11 +33,12 @@ def make_optimizer(lr: float, max_grad_norm: float, warmup_steps: int = 0, total
 
 
 def init_state(params, tx, rng=None) -> dict:
-    """rng: a PRNG key; kept as raw key data so the state is a plain array pytree for Orbax."""
+    """rng: a PRNG key; kept as raw key data so the state is a plain array pytree for Orbax. The state
+    lives on the parameters' mesh (so the jitted steps see one set of input shardings and compile once)."""
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     if rng is not None:
         state["rng"] = jax.random.key_data(rng)
-    return state
+    return sharding.colocate(state, params)
 
 
 def step_keys(rng_data, step):
