@@ -56,6 +56,7 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("rl.credit.normalizer", "all", "valid_tokens"),
     ("rl.schedule.mode", "wobbly", "linear"),
     ("model.dtype", "float16", "bfloat16"),
+    ("rl.cache_dtype", "float16", "auto"),
     ("model.preset", "qwen9", "qwen3-4b"),
     ("rl.group_size", 1, "rl.group_size"),
     ("rl.top_p", 0.0, "rl.top_p"),

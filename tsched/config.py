@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.top_k = 0  # 0 = off
+    # KV cache values while sampling: auto = model.dtype; bfloat16 in a float32 run halves the cache the
+    # decode reads (sampler/learner log-prob gap measured in the README).
+    c.rl.cache_dtype = "auto"
     c.rl.lr = 1e-4
     c.rl.max_grad_norm = 1.0
     c.rl.micro_batches = 1  # gradient accumulation: one optimizer step over this many slices
@@ -289,10 +292,12 @@ def _registries() -> dict:
     from tsched.model import presets
     from tsched.model.decoder import COMPUTE_DTYPES
     from tsched.rl import advantages, credit, losses, objective, schedules
+    from tsched.sampling.sampler import CACHE_DTYPES
     from tsched.verify.verifiers import VERIFIERS
 
     return {
         "model.dtype": COMPUTE_DTYPES,
+        "rl.cache_dtype": CACHE_DTYPES,
         "rl.advantage": advantages.ESTIMATORS,
         "rl.loss": losses.TOKEN_LOSSES,
         "rl.aggregation": losses.AGGREGATIONS,

@@ -1,5 +1,7 @@
 """Sampler: EOS handling, lengths, determinism, padding invariance, KV decode = full pass, filters."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,39 @@ def test_fresh_randomness_at_every_decode_step(tiny_model_cfg, tiny_params):
     assert same_as_previous < 3 / tiny_model_cfg.vocab_size  # expected 1/32 over 896 pairs
     freq = np.bincount(toks.ravel(), minlength=tiny_model_cfg.vocab_size) / toks.size
     assert 0.5 * np.abs(freq - 1 / tiny_model_cfg.vocab_size).sum() < 0.15  # uniform (sampling noise ~0.07)
+
+
+def test_shared_prompt_cache_equals_repeated_prompts(tiny_model_cfg, tiny_params):
+    """G samples over one shared prompt cache = the same prompts repeated G times with one sample each
+    (each row its own prompt cache): rows keep their ids, hence their keys, so tokens are equal and
+    log-probs equal to float tolerance (the two attend with differently shaped contractions)."""
+    prompts, lens = prompts_batch(tiny_model_cfg, [8, 3, 5, 1])
+    G = 4
+    shared = SamplingConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=1.5, num_samples=G)
+    a = jax.device_get(sample(tiny_model_cfg, shared, tiny_params, prompts, lens, jax.random.key(4)))
+    b = jax.device_get(sample(tiny_model_cfg, dataclasses.replace(shared, num_samples=1), tiny_params,
+                              jnp.repeat(prompts, G, 0), jnp.repeat(lens, G), jax.random.key(4)))
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["lengths"], b["lengths"])
+    np.testing.assert_allclose(a["logp"], b["logp"], rtol=1e-5, atol=1e-5)
+    assert len({tuple(r) for r in a["tokens"][:G]}) > 1  # the samples of a prompt differ
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_model_cfg, tiny_params):
+    """Per-row caps (`max_new_per_row`): capped rows end at their cap with the same first tokens as
+    uncapped, the others are unchanged although they run on in a compacted batch (row_steps shows the
+    decode cost following the real token counts)."""
+    prompts, lens = prompts_batch(tiny_model_cfg, [8, 3, 5, 1])
+    scfg = SamplingConfig(max_new_tokens=40, eos_id=-1, pad_id=PAD, temperature=1.0, num_samples=8)
+    N = 32
+    caps = np.where(np.arange(N) % 4 == 0, 40, np.arange(N) % 5 + 1).astype(np.int32)  # 8 rows run to the end
+    full = jax.device_get(sample(tiny_model_cfg, scfg, tiny_params, prompts, lens, jax.random.key(9)))
+    capped = jax.device_get(sample(tiny_model_cfg, scfg, tiny_params, prompts, lens, jax.random.key(9),
+                                   max_new_per_row=jnp.asarray(caps)))
+    assert full["row_steps"] == N * 40
+    assert capped["row_steps"] < N * 40 / 2  # 8 rows after the first decode chunk
+    np.testing.assert_array_equal(capped["lengths"], caps)
+    for i, n in enumerate(caps):
+        np.testing.assert_array_equal(capped["tokens"][i, :n], full["tokens"][i, :n])
+        assert np.all(capped["tokens"][i, n:] == PAD) and np.all(capped["logp"][i, n:] == 0)
+        np.testing.assert_allclose(capped["logp"][i, :n], full["logp"][i, :n], rtol=1e-5, atol=1e-5)

@@ -88,10 +88,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: ja
     return decoder.hidden_unrolled(cfg, unstack_layers(params), tokens, positions, mask)[0]
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-    """Empty KV cache holding compute-dtype values: per layer {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}
-    (stored as `decoder.cache_dtype`)."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> tuple:
+    """Empty KV cache holding `dtype` values (default the compute dtype): per layer {'k': [B, K, Dh, S],
+    'v': [B, K, S, Dh]} (stored as `decoder.cache_dtype`)."""
     k, v = (batch, cfg.n_kv_heads, cfg.head_dim, length), (batch, cfg.n_kv_heads, length, cfg.head_dim)
-    dt = decoder.cache_dtype(cfg.compute_dtype)
+    dt = decoder.cache_dtype(cfg.compute_dtype if dtype is None else dtype)
     return tuple({"k": jnp.zeros(k, dt), "v": jnp.zeros(v, dt)}
                  for _ in range(cfg.n_layers))

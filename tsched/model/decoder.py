@@ -285,22 +285,52 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def cache_dtype(dtype) -> jnp.dtype:
-    """Storage type of the KV cache for a compute dtype: bfloat16 values are kept as their uint16 bit
+    """Storage type of a KV cache holding `dtype` values: bfloat16 values are kept as their uint16 bit
     patterns, because XLA:CPU rewrites a whole bf16 array on a one-column dynamic-update-slice (1.3 ms
     per layer per token at the reference shape) but updates a uint16 one in place (0.007 ms)."""
     return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
-def to_cache(x: jax.Array, dtype, storage) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x.astype(dtype), storage)
+def to_cache(x: jax.Array, storage) -> jax.Array:
+    """x rounded to the value type of a cache stored as `storage` (see cache_dtype), in that storage."""
+    value = jnp.bfloat16 if jnp.dtype(storage) == jnp.uint16 else storage
+    return jax.lax.bitcast_convert_type(x.astype(value), storage)
 
 
-def from_cache(c: jax.Array, dtype) -> jax.Array:
-    """The cached values; bf16 ones widened to float32 by a shift, exact and fused into the reader (a
-    bitcast back to bf16 made XLA copy the whole cache out of the in-place update)."""
+def from_cache(c: jax.Array) -> jax.Array:
+    """The cached values, bf16 ones widened to float32 by a shift, exact and fused into the reader (a
+    bitcast back to bf16 made XLA copy the whole cache out of the in-place update). A bf16 cache of a
+    float32 model (`SamplingConfig.cache_dtype`) is read this way too, and attends in float32."""
     if c.dtype == jnp.uint16:  # see cache_dtype
         return jax.lax.bitcast_convert_type(c.astype(jnp.uint32) << 16, jnp.float32)
     return c
+
+
+def attention_over_prompt(q: jax.Array, prompt_k: jax.Array, prompt_v: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array, prompt_rows: jax.Array | None, dtype) -> jax.Array:
+    """Decode attention of N rows over the cache of their prompt, shared by the rows sampled from it,
+    and each row's own cache of generated tokens, with one softmax over both parts.
+
+    q [N, K, G, Dh] (one token per row), prompt_k [B, K, Dh, P], prompt_v [B, K, P, Dh], k [N, K, Dh, S],
+    v [N, K, S, Dh], mask [N, 1, P + S] (prompt slots, then own slots) -> [N, K, G, Dh].
+    prompt_rows None: the N rows are the samples of the B prompts in order (row r reads prompt r // (N/B)),
+    so the prompt part is one matmul per prompt and kv head with all its rows' queries; else [N] the
+    prompt of each row (a gather, for a compacted batch).
+    """
+    N, K, Q, Dh = q.shape
+    B, P = prompt_k.shape[0], prompt_k.shape[-1]
+    if prompt_rows is None:
+        R = N // B
+        grouped = lambda x: x.reshape(B, R, K, Q, -1).transpose(0, 2, 1, 3, 4).reshape(B, K, R * Q, -1)
+        rowwise = lambda x: x.reshape(B, K, R, Q, -1).transpose(0, 2, 1, 3, 4).reshape(N, K, Q, -1)
+        prompt_scores = rowwise(bmm(grouped(q), prompt_k, dtype))
+        prompt_out = lambda p: rowwise(bmm(grouped(p), prompt_v, dtype))
+    else:
+        prompt_scores = bmm(q, prompt_k[prompt_rows], dtype)
+        prompt_out = lambda p: bmm(p, prompt_v[prompt_rows], dtype)
+    scores = jnp.concatenate([prompt_scores, bmm(q, k, dtype)], axis=-1) / math.sqrt(Dh)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, NEG_INF), axis=-1)
+    return prompt_out(probs[..., :P]) + bmm(probs[..., P:], v, dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -328,7 +358,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, write_index=0):
+    def __call__(self, x, positions, mask, cache=None, write_index=0, prompt=None):
+        """prompt: None, or for decoding over a shared prompt cache (see `attention_over_prompt`) a pair
+        (this layer's prompt cache {'k', 'v'}, prompt_rows); `mask` then covers the prompt slots too."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
@@ -352,15 +384,18 @@ class Block(nn.Module):
         if cache is not None:
             # Write this call's keys/values at `write_index` and attend over every slot; `mask` hides
             # slots not written yet. The sampler carries the cache through its loop, so this is in place.
-            write = lambda c, x, at: jax.lax.dynamic_update_slice(c, to_cache(x, dt, c.dtype), at)
+            write = lambda c, x, at: jax.lax.dynamic_update_slice(c, to_cache(x, c.dtype), at)
             cache = {"k": write(cache["k"], k, (0, 0, 0, write_index)),
                      "v": write(cache["v"], v, (0, 0, write_index, 0))}
-            k, v = from_cache(cache["k"], dt), from_cache(cache["v"], dt)
+            k, v = from_cache(cache["k"]), from_cache(cache["v"])
         # Queries as [B, K, G*T, Dh]: both contractions are then plain batched matmuls (XLA:CPU has no
         # bf16 x bf16 -> f32 kernel for some 5-d dot layouts, and these need no transposes of the cache).
         B, T, G = q.shape[0], q.shape[1], H // K
         q = q.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)
-        if cache is None and cfg.attn_block:
+        if prompt is not None:
+            (pc, prompt_rows) = prompt
+            o = attention_over_prompt(q, from_cache(pc["k"]), from_cache(pc["v"]), k, v, mask, prompt_rows, dt)
+        elif cache is None and cfg.attn_block:
             o = attention_blockwise(q, k, v, mask, dt, cfg.attn_block)
         else:
             o = attention(q, k, v, mask, dt)
@@ -420,19 +455,22 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], params["layers"]) for i in range(n_layers))}
 
 
-def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0):
+def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0,
+                   prompt=None):
     """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache or None)."""
-    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index)
+    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt)
     return unembed(cfg, params, x), cache
 
 
-def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0):
+def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0,
+                    prompt=None):
     """The decoder up to the final norm, with layers unrolled in Python over `params` from `unstack_layers`.
 
     tokens, positions [B, T]; mask [B, T, S] bool. Without a cache S = T (a full pass); with one, the
     tokens are written at slot `write_index` of a cache that is a tuple over layers of
     {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden states [B, T, D], updated
-    cache or None).
+    cache or None). prompt: None, or (prompt cache, prompt_rows) for decoding over a shared prompt cache
+    (tuple over layers like `cache`; see `attention_over_prompt`).
     Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
     and re-stack the whole cache on every token; a full pass keeps each layer's residuals in their own
     buffers rather than zero-filled stacks. Compile time grows with depth (see `scan_layers`).
@@ -440,8 +478,10 @@ def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, c
     x = jnp.take(params["embedding"], tokens, axis=0)
     block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
     caches = [None] * len(params["layers"]) if cache is None else cache
+    prompts = [None] * len(caches) if prompt is None else [(pc, prompt[1]) for pc in prompt[0]]
     new_cache = []
-    for layer_params, layer_cache in zip(params["layers"], caches, strict=True):
-        x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index)
+    for layer_params, layer_cache, layer_prompt in zip(params["layers"], caches, prompts, strict=True):
+        x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index,
+                                     layer_prompt)
         new_cache.append(layer_cache)
     return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), None if cache is None else tuple(new_cache)

@@ -1,13 +1,21 @@
-"""The jitted sampler: one prefill over the prompts, then a `lax.while_loop` decode over a KV cache.
+"""The sampler: one jitted prefill of the prompts, then jitted `lax.while_loop` decode chunks over a KV cache.
 
-No Python runs per token. Prompts arrive left-padded to P tokens, so every row's next token goes to the
-same cache slot P + i at decode step i; a row stops at the first of its stop ids (`eos_id`: one id or
-a tuple, e.g. Qwen's `<|im_end|>` and `<|endoftext|>`, compared in one vectorised test per step) and
-keeps writing padding until all rows are done or `max_new_tokens` is reached. The loop runs as WINDOW_CHUNKS while-loops whose caches (and so
-attention windows) grow with the generated length. The prompt is prefilled once and its cache repeated
-G times for the G samples of a group (rows b*G .. b*G+G-1 belong to prompt b). The stacked layer weights are
-split per layer once before the loop (`unstack_layers`, one extra copy of the weights while sampling),
-so a decode step reads each layer's weights and cache where they are and updates the cache in place.
+No Python runs per token. Prompts arrive left-padded to P tokens and are prefilled once each: the G
+samples of a prompt (rows b*G .. b*G+G-1) attend over that one prompt cache, shared, plus a cache of their
+own generated tokens (token i of every row goes to slot i of it), with one softmax over both parts
+(`decoder.attention_over_prompt`). A row stops at the first of its stop ids (`eos_id`: one id or a tuple,
+e.g. Qwen's `<|im_end|>` and `<|endoftext|>`, compared in one vectorised test per step) or at its cap
+(`max_new_per_row`), and writes padding after.
+
+The decode runs in chunks of at most DECODE_CHUNK steps; between chunks the host reads which rows are
+still running, and when they fit a smaller power-of-two bucket, the running rows are gathered into it:
+rows that stopped stop costing. Bucket sizes and the widths of the own caches (WINDOW_CHUNKS growing
+attention windows, so attention reads only the slots a chunk can have written) are static shapes, each
+compiled once. Randomness is per row and step (`fold_in(fold_in(rng, row), step)`), so a row's tokens do
+not depend on which rows share its batch: equal keys give equal outputs with or without compaction.
+The stacked layer weights are split per layer once per call (`unstack_layers`, one extra copy of the
+weights while sampling), so a decode step reads each layer's weights and cache where they are and updates
+the cache in place; the decode state is donated from chunk to chunk.
 """
 
 from __future__ import annotations
@@ -18,11 +26,18 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tsched import model as model_lib
 from tsched.model import ModelConfig
+from tsched.model.decoder import COMPUTE_DTYPES
 
-WINDOW_CHUNKS = 4  # decode-loop chunks with growing attention windows (compile time grows with it)
+WINDOW_CHUNKS = 4  # own-cache widths T/4, T/2, ...: attention windows that grow with the generated length
+DECODE_CHUNK = 16  # decode steps between the host's checks for finished rows (and batch compaction)
+# The smallest compacted batch: below ~8 rows a decode step costs about the same as at 8 (it is bound
+# by reading the weights), and every bucket size is one more compilation per window.
+MIN_BUCKET = 8
+CACHE_DTYPES = ("auto", *COMPUTE_DTYPES)  # `rl.cache_dtype`; auto = the model's compute dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +49,13 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     num_samples: int = 1  # G samples per prompt
+    cache_dtype: str = "auto"  # KV cache values: auto (the compute dtype) or one of COMPUTE_DTYPES
 
     def __post_init__(self):
         ids = (int(self.eos_id),) if isinstance(self.eos_id, numbers.Integral) else tuple(int(i) for i in self.eos_id)
-        object.__setattr__(self, "eos_id", ids)  # hashable: the config is a static argument of `sample`
+        object.__setattr__(self, "eos_id", ids)  # hashable: the config is a static argument of the jitted parts
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype {self.cache_dtype!r} must be one of {list(CACHE_DTYPES)}")
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -59,74 +77,135 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
-def _next_token(logits: jax.Array, key: jax.Array, scfg: SamplingConfig):
-    """Samples from logits [N, V]; returns (token [N], its log-prob under logits / temperature [N])."""
+def _argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum) as two plain reductions: XLA:CPU's argmax, a
+    reduction over (value, index) pairs, took 9x longer ([64, 512]: 0.38 ms, about 10% of a decode step)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
+
+
+def _next_token(logits: jax.Array, keys: jax.Array, scfg: SamplingConfig):
+    """Samples from logits [N, V] with one key per row [N]; returns (token [N], its log-prob under
+    logits / temperature [N])."""
     if scfg.temperature == 0:
-        tok = jnp.argmax(logits, axis=-1)
+        tok = _argmax(logits)
         return tok, jnp.zeros(tok.shape, jnp.float32)
     scaled = logits / scfg.temperature
-    tok = jax.random.categorical(key, filter_logits(scaled, scfg.top_k, scfg.top_p), axis=-1)
+    # Gumbel-max, as jax.random.categorical draws it (same noise for the same key), with the fast argmax.
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:]))(keys)
+    tok = _argmax(filter_logits(scaled, scfg.top_k, scfg.top_p) + noise)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
     return tok, logp
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, prompt_lens: jax.Array,
-           rng: jax.Array) -> dict:
-    """prompts [B, P] (left-padded), prompt_lens [B] -> completions for N = B * G rows.
-
-    Returns tokens [N, T] (the stop id included, padding after), lengths [N] (tokens up to and including
-    the stop id), logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k /
-    top-p filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares them.
-    """
+def _prefill(cfg: ModelConfig, scfg: SamplingConfig, params, prompts, prompt_lens, caps):
+    """The prompts' caches and the initial decode state of all N = B * G rows (own caches of the first
+    window width)."""
     B, P = prompts.shape
-    G, T = scfg.num_samples, scfg.max_new_tokens
-    # The decode loop runs in chunks whose caches end at P + ends[c]: attention reads only the slots a
-    # chunk can have written, not all P + T (at P = T/2 this reads a quarter fewer keys and values).
-    C = min(WINDOW_CHUNKS, T)
-    ends = sorted({-(-T * (c + 1) // C) for c in range(C)})
+    G = scfg.num_samples
+    pad_len = P - prompt_lens
+    slots = jnp.arange(P)
+    valid = slots[None] >= pad_len[:, None]  # [B, P]
+    mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]
+    positions = jnp.maximum(slots[None] - pad_len[:, None], 0) * valid
+    layers = model_lib.unstack_layers(params)
+    value_dtype = None if scfg.cache_dtype == "auto" else scfg.cache_dtype
+    logits, cache = model_lib.apply_unrolled(cfg, layers, prompts, positions, mask,
+                                             model_lib.init_cache(cfg, B, P, value_dtype), 0)
+    N, T = B * G, scfg.max_new_tokens
+    prompt = {"cache": cache, "valid": valid, "lens": prompt_lens}
+    state = {"i": jnp.int32(0), "rows": jnp.arange(N, dtype=jnp.int32),
+             "cache": model_lib.init_cache(cfg, N, _windows(T)[0], value_dtype),
+             "last": jnp.repeat(logits[:, -1], G, axis=0), "done": caps <= 0,
+             "tokens": jnp.full((N, T), scfg.pad_id, jnp.int32), "logp": jnp.zeros((N, T), jnp.float32),
+             "lengths": jnp.zeros(N, jnp.int32)}
+    return layers, prompt, state
 
-    # ---- prefill the prompts once
-    pad_len = P - prompt_lens  # [B]
-    slots = jnp.arange(P + ends[0])
-    valid = slots[None, :P] >= pad_len[:, None]  # [B, P]
-    mask = (slots[None, :P, None] >= slots[None, None, :]) & (slots[None, None, :] >= pad_len[:, None, None])
-    positions = jnp.maximum(slots[None, :P] - pad_len[:, None], 0) * valid
-    params = model_lib.unstack_layers(params)
-    cache = model_lib.init_cache(cfg, B, P + ends[0])
-    logits, cache = model_lib.apply_unrolled(cfg, params, prompts, positions, mask, cache, 0)
 
-    # ---- G copies of every prompt's cache and last logits
-    cache = jax.tree.map(lambda c: jnp.repeat(c, G, axis=0), cache)
-    last = jnp.repeat(logits[:, -1], G, axis=0)  # [N, V]
-    pad_len = jnp.repeat(pad_len, G)
-    N = B * G
-    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)  # [S]; () stops only at max_new_tokens
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
+def _decode(cfg: ModelConfig, scfg: SamplingConfig, layers, prompt, state, caps, rng, stop):
+    """Decode steps state['i'] .. stop - 1 (fewer if every row stops) for the rows of the state's bucket.
 
-    def body(state):
-        i, cache, last, done, lengths, tokens, logps = state
-        tok, logp = _next_token(last, jax.random.fold_in(rng, i), scfg)
+    Bucket state (n rows): rows [n] (their ids), cache (own, per layer), last [n, V] (next-token logits),
+    done [n]; for all N rows: tokens, logp [N, T], lengths [N] (scattered to by row id).
+    """
+    N = state["tokens"].shape[0]
+    G = scfg.num_samples
+    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)  # [S]; () stops only at the caps
+    # All N rows in order read their prompt cache as one matmul per prompt; a compacted bucket gathers.
+    prompt_rows = None if state["rows"].shape[0] == N else state["rows"] // G
+
+    def body(st):
+        i, rows, done = st["i"], st["rows"], st["done"]
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, r), i))(rows)
+        tok, logp = _next_token(st["last"], keys, scfg)
         tok = jnp.where(done, scfg.pad_id, tok).astype(jnp.int32)
         logp = jnp.where(done, 0.0, logp)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
-        logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
-        slot = P + i
-        slots = jnp.arange(cache[0]["v"].shape[2])
-        step_mask = ((slots <= slot)[None, :] & (slots[None, :] >= pad_len[:, None]))[:, None, :]
-        logits, cache = model_lib.apply_unrolled(cfg, params, tok[:, None], (slot - pad_len)[:, None], step_mask,
-                                                 cache, slot)
-        return i + 1, cache, logits[:, 0], done, lengths, tokens, logps
+        lengths = st["lengths"].at[rows].add((~done).astype(jnp.int32))
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (lengths[rows] >= caps[rows])
+        group = rows // G
+        own = jnp.arange(st["cache"][0]["v"].shape[2]) <= i
+        mask = jnp.concatenate([prompt["valid"][group], jnp.broadcast_to(own, (rows.shape[0], own.shape[0]))], 1)
+        logits, cache = model_lib.apply_unrolled(cfg, layers, tok[:, None], (prompt["lens"][group] + i)[:, None],
+                                                 mask[:, None], st["cache"], i, (prompt["cache"], prompt_rows))
+        return {"i": i + 1, "rows": rows, "cache": cache, "last": logits[:, 0], "done": done,
+                "tokens": st["tokens"].at[rows, i].set(tok), "logp": st["logp"].at[rows, i].set(logp),
+                "lengths": lengths}
 
-    state = (jnp.int32(0), cache, last, jnp.zeros(N, bool), jnp.zeros(N, jnp.int32),
-             jnp.full((N, T), scfg.pad_id, jnp.int32), jnp.zeros((N, T), jnp.float32))
-    for c, end in enumerate(ends):
-        if c:  # widen the cache to this chunk's window (one copy per chunk)
-            grow = end - ends[c - 1]
-            widen = lambda layer, n=grow: {"k": jnp.pad(layer["k"], ((0, 0), (0, 0), (0, 0), (0, n))),
-                                           "v": jnp.pad(layer["v"], ((0, 0), (0, 0), (0, n), (0, 0)))}
-            state = (state[0], tuple(map(widen, state[1])), *state[2:])
-        state = jax.lax.while_loop(lambda st, end=end: (st[0] < end) & ~jnp.all(st[3]), body, state)
-    _, _, _, _, lengths, tokens, logps = state
-    return {"tokens": tokens, "lengths": lengths, "logp": logps}
+    return jax.lax.while_loop(lambda st: (st["i"] < stop) & ~jnp.all(st["done"]), body, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _resize(n: int, width: int, state):
+    """The bucket state with its running rows first (in row order), cut to n rows, own caches widened
+    to `width` slots."""
+    keep = jnp.argsort(state["done"], stable=True)[:n]
+    take = lambda x: x[keep] if n < x.shape[0] else x
+    widen = lambda c, axis: jnp.pad(take(c), [(0, width - c.shape[axis]) if a == axis else (0, 0) for a in range(4)])
+    cache = tuple({"k": widen(c["k"], 3), "v": widen(c["v"], 2)} for c in state["cache"])
+    return {**state, "rows": take(state["rows"]), "cache": cache, "last": take(state["last"]),
+            "done": take(state["done"])}
+
+
+def _windows(T: int) -> list[int]:
+    C = min(WINDOW_CHUNKS, T)
+    return sorted({-(-T * (c + 1) // C) for c in range(C)})
+
+
+def _bucket(running: int, n: int) -> int:
+    """The batch size for `running` rows out of a bucket of n: the next power of two, if smaller than n."""
+    b = max(MIN_BUCKET, 1 << max(running - 1, 0).bit_length())
+    return b if b < n else n
+
+
+def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, prompt_lens: jax.Array,
+           rng: jax.Array, max_new_per_row: jax.Array | None = None) -> dict:
+    """prompts [B, P] (left-padded), prompt_lens [B] -> completions for N = B * G rows.
+
+    max_new_per_row: optional int32 [N], each row's cap on new tokens (<= max_new_tokens; a row ends at
+    its cap as at a stop id, with no stop id written).
+    Returns tokens [N, T] (the stop id included, padding after), lengths [N] (tokens up to and including
+    the stop id), logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k /
+    top-p filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares
+    them; and row_steps (int): the rows decoded summed over steps, what the decode cost follows.
+    """
+    B, _ = prompts.shape
+    N, T = B * scfg.num_samples, scfg.max_new_tokens
+    caps = jnp.full((N,), T, jnp.int32) if max_new_per_row is None else jnp.asarray(max_new_per_row, jnp.int32)
+    layers, prompt, state = _prefill(cfg, scfg, params, prompts, prompt_lens, caps)
+    i, n, row_steps, running = 0, N, 0, N
+    for width in _windows(T):
+        if not running:
+            break
+        if state["cache"][0]["v"].shape[2] < width:
+            state = _resize(n, width, state)
+        while running and i < width:
+            state = _decode(cfg, scfg, layers, prompt, state, caps, rng, jnp.int32(min(i + DECODE_CHUNK, width)))
+            done, step = jax.device_get((state["done"], state["i"]))
+            row_steps += n * (int(step) - i)
+            i, running = int(step), int(np.sum(~done))
+            if running and _bucket(running, n) < n:
+                n = _bucket(running, n)
+                state = _resize(n, state["cache"][0]["v"].shape[2], state)
+    return {"tokens": state["tokens"], "lengths": state["lengths"], "logp": state["logp"], "row_steps": row_steps}
