@@ -8,7 +8,9 @@ State (everything a resume needs besides the data iterator): {'params', 'opt_sta
 `state['step']` is the one step counter of a run: the update computes the schedule at
 `state['step'] + 1` (the paper's counter starts at 1), and the trainer derives the same number from
 the state for sampling keys, prompt transforms, logs and checkpoints.
-Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G.
+Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G. The model
+runs over micro-batches of length-sorted rows, each at a padded response length (`rl.length_buckets`)
+that holds its rows, so the update's cost follows the real response lengths (`policy_gradient`).
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, ke
     Cost follows the real lengths: micro-batches are rows of consecutive lengths (`length_groups`), and
     each runs the model at its length bucket (`rl.length_buckets`) under `lax.switch`, one branch per
     bucket, so every bucket shape is compiled once into the one step. Only the model runs shorter: the
-    loss sees the [R, T] arrays of the padded computation (`bucketed_stats`), which buckets equal.
+    loss sees the [R, T] arrays of the padded computation (`bucketed_stats`), so its value and gradient
+    do not depend on the buckets (tested against `rl.length_buckets=1`, every micro-batch at T).
     Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope, clip_cov, kl_cov) take
     them over these length-sorted micro-batches.
     """
