@@ -489,11 +489,3 @@ def test_each_length_bucket_is_traced_once(tiny_model_cfg, tiny_params, monkeypa
     assert traced == after_first
     assert set(traced) == {3, 5, 10}
 
-
-def test_length_buckets_are_validated():
-    from tsched.config import ConfigError, validate
-
-    validate(make_cfg(length_buckets=3), num_devices=1)
-    for bad in (make_cfg(length_buckets=0), make_cfg(length_buckets=4, max_new_tokens=4)):
-        with pytest.raises(ConfigError, match="rl.length_buckets"):
-            validate(bad, num_devices=1)
