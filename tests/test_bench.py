@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,3 +52,26 @@ def test_loss_and_verify_bench_smoke():
     assert {"uniform", "tp", "forking", "entropy_adv"} <= set(rows)
     out = run("tsched.bench.verify", "--items", "40", "--workers", "1")
     assert "items/s" in out
+
+
+def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
+    out = run("tsched.bench", "--smoke", "--lengths=varied", "--dtypes", "float32", "--json", str(tmp_path / "b.json"))
+    data = json.load(open(tmp_path / "b.json"))
+    B, G, P, T = 2, 2, 8, 8
+    # the documented draw: lognormal(mu = ln(T / 4) - 1/2, sigma 1), rounded up, clipped to [1, T], seed 0
+    lens = np.clip(np.ceil(np.random.default_rng(0).lognormal(np.log(T / 4) - 0.5, 1.0, B * G)), 1, T).astype(int)
+    forced, varied = data["results"]
+    assert (forced["lengths"], varied["lengths"]) == ("forced", "varied")
+    assert varied["mean_length"] == pytest.approx(lens.mean()) and lens.max() < T
+    sample = B * sum(forward_flops(c + 1) for c in range(P)) + sum(forward_flops(P + t + 1) for L in lens
+                                                                   for t in range(L))
+    fwd = sum(forward_flops(c + 1) for L in lens for c in range(P + L))
+    phases = varied["phases"]
+    for name, flops in {"sample": sample, "score": fwd, "loss": 3 * fwd, "rl_step": sample + 3 * fwd}.items():
+        assert phases[name]["gflop"] == pytest.approx(flops / 1e9, rel=1e-9), name
+    for name, tokens in {"sample": lens.sum(), "score": (P + lens).sum(), "rl_step": lens.sum()}.items():
+        assert phases[name]["tokens_per_s"] == pytest.approx(tokens / phases[name]["median_s"]), name
+    assert forced["sample_tokens_per_s"] == pytest.approx(B * G * T / forced["phases"]["sample"]["median_s"])
+    ratio = varied["rl_step_s"] / forced["rl_step_s"]
+    assert varied["rl_step_vs_forced"] == pytest.approx(ratio)
+    assert f"float32: varied / forced time: rl_step {ratio:.2f}" in out

@@ -71,6 +71,8 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("rl.temperature", 0.0, "rl.temperature"),
     ("eval.temperature", -0.5, "eval.temperature"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
+    ("rl.length_buckets", 0, "rl.length_buckets"),
+    ("rl.length_buckets", 8, "rl.length_buckets"),  # max_new_tokens 64: the shortest bucket would be < 1 token
     ("model.n_heads", 3, "model.n_heads"),
     ("model.logits_chunk", -1, "model.logits_chunk"),
     ("model.attn_block", -8, "model.attn_block"),

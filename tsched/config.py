@@ -125,6 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.micro_batches = 1  # gradient accumulation: one optimizer step over this many slices
     c.rl.mini_batches = 1  # optimizer steps per pass over a rollout batch (1 with epochs 1: on-policy)
     c.rl.epochs = 1  # passes over each rollout batch
+    # Update cost that follows response lengths: micro-batches of length-sorted rows run at the smallest of
+    # n padded lengths max_new_tokens / 2^k (k < n) holding them, each shape compiled once (tsched.train.learner).
+    # 1 = every micro-batch at max_new_tokens; pays with micro_batches > 1 and responses well below the budget.
+    c.rl.length_buckets = 1
     c.rl.advantage = "grpo"
     c.rl.loss = "ppo"
     c.rl.clip_low = 0.2
@@ -336,9 +340,10 @@ _RANGES = {
                               "model.n_kv_heads", "model.head_dim", "model.ffn_dim", "model.rope_theta",
                               "model.norm_eps", "sft.batch_size", "sft.lr", "rl.steps", "rl.prompts_per_step",
                               "rl.max_new_tokens", "rl.temperature", "rl.lr", "rl.max_grad_norm",
-                              "rl.micro_batches", "rl.mini_batches", "rl.epochs", "rl.credit.kappa", "rl.schedule.total_steps",
-                              "rl.schedule.gamma", "verify.num_workers", "verify.timeout_s", "verify.max_chars",
-                              "eval.num_problems", "eval.batch_size", "eval.samples", "train.checkpoint_every",
+                              "rl.micro_batches", "rl.mini_batches", "rl.epochs", "rl.length_buckets",
+                              "rl.credit.kappa", "rl.schedule.total_steps", "rl.schedule.gamma", "verify.num_workers",
+                              "verify.timeout_s", "verify.max_chars", "eval.num_problems", "eval.batch_size",
+                              "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
     "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (300 from scratch, 0 with model.init_from)"),
     **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
@@ -435,6 +440,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if (n // rl.mini_batches) % rl.micro_batches:
         _fail("rl.micro_batches", rl.micro_batches, f"must divide the mini-batch of {n // rl.mini_batches} sequences "
                                                     f"(rl.prompts_per_step * rl.group_size / rl.mini_batches)")
+    if 2 ** (rl.length_buckets - 1) > rl.max_new_tokens:
+        _fail("rl.length_buckets", rl.length_buckets, f"must be <= 1 + log2(rl.max_new_tokens = "
+                                                      f"{rl.max_new_tokens}): the shortest bucket holds >= 1 token")
     if num_devices is None:
         import jax
 

@@ -359,10 +359,11 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
     data = batch(tiny_model_cfg.vocab_size, seed=11)
     cfg = make_cfg(micro_batches=2, loss="clip_cov", **{"credit.strategy": "uniform", "credit.clip_cov_ratio": 0.3,
                                                         "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9})
-    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
+    # every response at full length, the batch twice: the two length-sorted micro-batches hold the same rows
+    lengths = jnp.full((B * G,), T, jnp.int32)
+    tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], lengths)
     adv = jnp.asarray(np_grpo(data["rewards"]))
-    # every row twice in a row: the two (strided) micro-batches hold the same rows
-    dup = lambda x: jnp.repeat(x, 2, axis=0)
+    dup = lambda x: jnp.concatenate([x, x])
     rows = {"tokens": dup(tokens), "valid": dup(valid), "mask": dup(mask), "adv": dup(adv)}
     key = jax.random.key(4)
     r = jnp.float32(0.0)
@@ -377,7 +378,8 @@ def test_each_micro_batch_draws_with_its_own_key(tiny_model_cfg, tiny_params):
             return num, (den, s)
         return jax.grad(f, has_aux=True)(params)
 
-    mbs = [jax.tree.map(lambda x: learner.micro_split(x, 2)[i], rows) for i in range(2)]
+    order, _ = learner.length_groups(rows["mask"], 2, (T,))
+    mbs = [jax.tree.map(lambda x: learner.grouped(x, order)[i], rows) for i in range(2)]
     for k in rows:
         np.testing.assert_array_equal(np.asarray(mbs[0][k]), np.asarray(mbs[1][k]))
     parts = [micro_grad(tiny_params, mb["tokens"], mb["valid"], mb["adv"], mb["mask"], i) for i, mb in enumerate(mbs)]
@@ -415,3 +417,75 @@ def test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key(tiny_model_cfg,
             params = jax.tree.map(lambda p, d: p - d, params, g)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
                  state["params"], params)
+
+
+# ---- Update cost that follows response lengths: length-sorted micro-batches at bucketed lengths.
+
+def test_length_groups_sort_rows_and_pick_the_smallest_bucket():
+    lengths = np.array([7, 0, 3, 10, 3, 1, 9, 2])
+    mask = jnp.asarray(np.arange(T)[None] < lengths[:, None])
+    buckets = learner.bucket_lengths(T, 3)
+    assert buckets == (3, 5, 10)
+    assert learner.bucket_lengths(T, 1) == (T,) and learner.bucket_lengths(7, 4) == (1, 2, 4, 7)
+    order, bucket = learner.length_groups(mask, 4, buckets)
+    want = np.argsort(lengths, kind="stable").reshape(4, 2)  # ties (the two 3s) keep their row order
+    np.testing.assert_array_equal(np.asarray(order), want)
+    # smallest bucket >= the longest row of each micro-batch: longest 1, 3, 7, 10
+    np.testing.assert_array_equal(np.asarray(bucket), [0, 0, 2, 2])
+    x = jnp.arange(8 * 3).reshape(8, 3)
+    for m in range(4):
+        np.testing.assert_array_equal(np.asarray(learner.grouped(x, order)[m]), np.asarray(x)[want[m]])
+
+
+@pytest.mark.parametrize("rl", [
+    {"aggregation": "token-mean", "credit.strategy": "tp"},
+    {"aggregation": "seq-mean-token-sum-norm", "credit.strategy": "forking_batch", "credit.normalizer": "valid_tokens"},
+    {"aggregation": "seq-mean-token-mean", "credit.strategy": "empg", "loss": "gspo", "kl_coef": 0.1},
+    {"aggregation": "token-mean", "credit.strategy": "uniform", "loss": "clip_cov", "credit.clip_cov_ratio": 0.3,
+     "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9},
+    {"aggregation": "seq-mean-token-sum", "credit.strategy": "forking", "epochs": 2, "mini_batches": 2,
+     "loss": "trace"},
+], ids=["tp", "forking_batch-norm", "empg-gspo-kl", "clip_cov", "epochs-mini-trace"])
+def test_length_buckets_give_the_padded_update(tiny_model_cfg, tiny_params, rl):
+    """Every micro-batch at the full length (1 bucket) and at length buckets (3, 5, 10): the same loss,
+    metrics and parameter update, for selection and shaping criteria with per-micro-batch statistics, a
+    random loss, the horizon normaliser, KL to a reference policy, and several updates per rollout."""
+    data = batch(tiny_model_cfg.vocab_size, seed=13)
+    ref_params = model.init_params(tiny_model_cfg, jax.random.key(11))
+    outs = [run_step(make_cfg(micro_batches=2 if "epochs" in rl else 4, length_buckets=n, **rl), tiny_model_cfg,
+                     tiny_params, data, ref_params=ref_params) for n in (1, 3)]
+    (s0, m0), (s1, m1) = outs
+    # the batch really runs in several buckets
+    mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])[2]
+    assert len(set(np.asarray(learner.length_groups(mask, 4, (3, 5, 10))[1]).tolist())) >= 2
+    assert float(m0["grad_norm"]) > 0
+    for k in m0:
+        np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    scale = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(tiny_params)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale),
+                 s1["params"], s0["params"])
+
+
+def test_each_length_bucket_is_traced_once(tiny_model_cfg, tiny_params, monkeypatch):
+    """One compilation of the step for batches of all-short, all-long and mixed lengths; the model is
+    traced at each bucket's length and no other (the scoring pass and the update of several epochs)."""
+    traced = []
+    stats = learner.token_stats
+    monkeypatch.setattr(learner, "token_stats", lambda mcfg, params, tokens, *a: (
+        traced.append(tokens.shape[1] - P), stats(mcfg, params, tokens, *a))[1])
+    cfg = make_cfg(micro_batches=2, epochs=2, length_buckets=3)
+    tx = optax.sgd(1e-3)
+    state = learner.init_state(jax.tree.map(jnp.copy, tiny_params), tx, jax.random.key(0))
+    step = learner.make_rl_step(cfg, tiny_model_cfg, tx)
+    for i, lengths in enumerate((np.full(B * G, 2), np.full(B * G, T), np.arange(1, B * G + 1))):
+        data = batch(tiny_model_cfg.vocab_size, seed=i)
+        data["lengths"] = jnp.asarray(lengths, jnp.int32)
+        state, m = step(state, None, data)
+        assert np.isfinite(float(m["loss"]))
+        if i == 0:
+            after_first = list(traced)
+    assert step._cache_size() == 1
+    assert traced == after_first
+    assert set(traced) == {3, 5, 10}
+

@@ -1,6 +1,6 @@
 """RL step benchmark: time per phase against the FLOP bound this machine measures for itself.
 
-    python -m tsched.bench [--dtypes float32,bfloat16] [--steps 5] [--json PATH] [--smoke]
+    python -m tsched.bench [--dtypes float32,bfloat16] [--steps 5] [--lengths forced|varied] [--json PATH] [--smoke]
 
 Defaults are the reference shape: decoder with 4 layers, d_model 256, ffn 1024, 4 query / 2 kv heads,
 head_dim 64, vocab 512, tied embeddings (4.07M parameters); 8 prompts x 8 samples, prompt 64 tokens,
@@ -14,6 +14,17 @@ Sampling counts the prefill of the B prompts and every decoded token at its true
 the score pass and the loss forward count all N * (P + T) positions; backward = 2 x forward.
 Peak: a jitted 2048^3 matmul in float32, and with bfloat16 inputs and float32 accumulation.
 
+Response lengths (`--lengths`): `forced` (the default) runs every row to the budget T. `varied` runs
+that forced shape and then the same shape with response lengths drawn from a long tail, as RLVR responses
+are: L = clip(ceil(X), 1, T), X lognormal with sigma 1 and mu = ln(T / 4) - 1/2 (unclipped mean T / 4;
+clipped, the mean is 0.237 T, the median 0.16 T, and 3% of rows reach the budget), one draw of N lengths
+from numpy's default_rng(`--seed`), the same for every step. Its tokens and FLOP columns count useful
+(non-padding) work only, and the RL step's varied / forced time ratio is printed. The update runs in
+`--length-buckets` buckets (rl.length_buckets; default 3: T / 4, T / 2, T) in both runs. How the lengths
+arise: every row is sampled in full and cut at its drawn length (`tsched.rollout.generate`'s
+`max_new_per_row`) before the verifier and the update see it; so the `sample` phase measures full-length
+sampling, unless the sampler takes `max_new_per_row` itself, which it is then given.
+
 Phases, each the median over `--steps` steady-state steps after one warm-up:
     sample     the jitted sampler (prefill + while_loop decode)
     score      a separate old-log-prob forward pass (reported; the on-policy update does not run it)
@@ -26,6 +37,7 @@ Phases, each the median over `--steps` steady-state steps after one warm-up:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 
@@ -49,15 +61,21 @@ def forward_flops(cfg: ModelConfig, ctx: float) -> float:
     return 2 * matmul_params + 2 * D * cfg.vocab_size + 4 * cfg.n_layers * H * Dh * ctx
 
 
-def sample_flops(cfg, B, G, P, T) -> float:
+def sample_flops(cfg, B, P, lengths) -> float:
+    """Prefill of B prompts of P tokens, then each row's `lengths[i]` decoded tokens."""
     prefill = B * sum(forward_flops(cfg, c + 1) for c in range(P))
-    decode = B * G * sum(forward_flops(cfg, P + t + 1) for t in range(T))
-    return prefill + decode
+    return prefill + sum(forward_flops(cfg, P + t + 1) for L in lengths for t in range(L))
 
 
-def sequence_flops(cfg, N, L) -> float:
-    """One forward pass over N sequences of L tokens (causal: position i sees i + 1 keys)."""
-    return N * sum(forward_flops(cfg, c + 1) for c in range(L))
+def sequence_flops(cfg, lengths) -> float:
+    """One forward pass over sequences of `lengths[i]` tokens (causal: position i sees i + 1 keys)."""
+    return sum(forward_flops(cfg, c + 1) for L in lengths for c in range(L))
+
+
+def varied_lengths(T: int, N: int, seed: int) -> np.ndarray:
+    """N response lengths in [1, T] from the long-tailed distribution of the module docstring."""
+    x = np.random.default_rng(seed).lognormal(np.log(T / 4) - 0.5, 1.0, N)
+    return np.clip(np.ceil(x), 1, T).astype(np.int32)
 
 
 class IdsAsText:
@@ -87,39 +105,42 @@ def matmul_peak(dtype, n: int = 2048, steps: int = 5) -> float:
     return 2 * n ** 3 / median_time(lambda: f(a, a), steps) / 1e9
 
 
-def run(dtype: str, args, peak: float) -> dict:
+def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
     mcfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=args.kv_heads, head_dim=args.head_dim, ffn_dim=args.ffn, dtype=dtype)
     B, G, P, T = args.prompts, args.samples, args.prompt_len, args.new_tokens
     N = B * G
     cfg = base_config()
     cfg.rl.group_size, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens = G, B, T
-    cfg.rl.micro_batches = args.micro_batches
+    cfg.rl.micro_batches, cfg.rl.length_buckets = args.micro_batches, args.length_buckets
     params = model_lib.init_params(mcfg, jax.random.key(0))
     tx = learner.make_optimizer(1e-4, 1.0)
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(4, args.vocab, (B, P)), jnp.int32)
     prompt_lens = jnp.full((B,), P, jnp.int32)
     scfg = SamplingConfig(max_new_tokens=T, eos_id=-1, pad_id=0, temperature=1.0, num_samples=G)
+    row_lens = varied_lengths(T, N, args.seed) if lengths == "varied" else np.full(N, T, np.int32)
+    cap = {"max_new_per_row": jnp.asarray(row_lens)} if "max_new_per_row" in inspect.signature(sample).parameters \
+        and lengths == "varied" else {}  # until the sampler takes the per-row budget (branch sampler14)
 
     key = [0]
 
     def do_sample():
         key[0] += 1
-        return sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(key[0]))
+        return sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(key[0]), **cap)
 
     out = jax.block_until_ready(do_sample())
     t_sample = median_time(do_sample, args.steps)
-    completions, lengths = out["tokens"], out["lengths"]
+    completions = jnp.where(jnp.arange(T)[None] < row_lens[:, None], out["tokens"], 0)
     rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
-    tokens, valid, mask = learner.join(prompts, prompt_lens, completions, lengths)
+    tokens, valid, mask = learner.join(prompts, prompt_lens, completions, jnp.asarray(row_lens))
     adv = rewards - rewards.mean()
+    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
 
-    score = jax.jit(lambda p: learner.token_stats(mcfg, p, tokens, valid, P)[0])
+    score = jax.jit(lambda p: learner.score(cfg.rl, mcfg, p, rows, P)[0])  # the learner's scoring pass
     t_score = median_time(lambda: score(params), args.steps)
 
     # the learner's own gradient computation, in `--micro-batches` slices
-    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
     grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), rows, P)[:2])
     t_loss = median_time(lambda: grad(params), args.steps)
     grads = grad(params)[1]
@@ -130,7 +151,8 @@ def run(dtype: str, args, peak: float) -> dict:
     batch = {"prompt": np.asarray(prompts), "prompt_len": np.asarray(prompt_lens),
              "answer": np.array([str(b % 5) for b in range(B)]), "verifier": np.array(["numeric"] * B)}
     with VerifierPool(num_workers=2, timeout_s=5.0) as pool:
-        ro = rollout.generate(mcfg, scfg, params, batch, jax.random.key(0), IdsAsText(), pool)  # warm workers
+        ro = rollout.generate(mcfg, scfg, params, batch, jax.random.key(0), IdsAsText(), pool,
+                              max_new_per_row=row_lens)  # warms the workers; texts of the drawn lengths
         t_verify = median_time(lambda: pool.score(ro.texts, ["1"] * N, ["numeric"] * N), args.steps)
 
         state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(1))
@@ -140,27 +162,29 @@ def run(dtype: str, args, peak: float) -> dict:
         def full_step():  # what the trainer's loop does per step
             key[0] += 1
             ro = rollout.generate(mcfg, scfg, holder["state"]["params"], batch, jax.random.key(key[0]), IdsAsText(),
-                                  pool)
+                                  pool, max_new_per_row=row_lens)
             holder["state"], m = rl_step(holder["state"], None, ro.learner_batch())
             return m
 
         t_step = median_time(full_step, args.steps)
 
-    f_sample = sample_flops(mcfg, B, G, P, T)
-    f_fwd = sequence_flops(mcfg, N, P + T)
+    f_sample = sample_flops(mcfg, B, P, row_lens)
+    f_fwd = sequence_flops(mcfg, P + row_lens)
+    n_resp, n_seq = int(row_lens.sum()), int((P + row_lens).sum())  # useful tokens
     phases = {
-        "sample": (t_sample, f_sample, N * T),
-        "score": (t_score, f_fwd, N * (P + T)),
+        "sample": (t_sample, f_sample, n_resp),
+        "score": (t_score, f_fwd, n_seq),
         "verify": (t_verify, 0.0, N),
-        "loss": (t_loss, 3 * f_fwd, N * (P + T)),
+        "loss": (t_loss, 3 * f_fwd, n_seq),
         "optimizer": (t_opt, 0.0, 0),
-        "rl_step": (t_step, f_sample + 3 * f_fwd, N * T),
+        "rl_step": (t_step, f_sample + 3 * f_fwd, n_resp),
     }
-    return {"dtype": dtype, "params": mcfg.num_params(), "peak_gflops": peak, "phases": {
+    return {"dtype": dtype, "lengths": lengths, "mean_length": float(row_lens.mean()),
+            "max_length": int(row_lens.max()), "params": mcfg.num_params(), "peak_gflops": peak, "phases": {
         k: {"median_s": t, "gflop": f / 1e9, "gflops": f / t / 1e9 if f else 0.0,
             "pct_peak": 100 * f / t / 1e9 / peak if f else 0.0, "tokens_per_s": n / t if n else 0.0}
         for k, (t, f, n) in phases.items()},
-        "sample_tokens_per_s": N * T / t_sample, "rl_step_s": t_step}
+        "sample_tokens_per_s": n_resp / t_sample, "rl_step_s": t_step}
 
 
 def main(argv=None):
@@ -178,6 +202,11 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro-batches", type=int, default=4,
                     help="the update's gradient-accumulation slices (rl.micro_batches); one optimizer step")
+    ap.add_argument("--length-buckets", type=int, default=3,
+                    help="rl.length_buckets: the update's padded response lengths T, T/2, ..., T/2^(n-1)")
+    ap.add_argument("--lengths", choices=("forced", "varied"), default="forced",
+                    help="varied: also a run with long-tailed response lengths (see the docstring)")
+    ap.add_argument("--seed", type=int, default=0, help="of the varied response lengths")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--json", default="")
@@ -189,18 +218,27 @@ def main(argv=None):
         args.micro_batches = 2
 
     peaks = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
-    results = [run(d, args, peaks[d]) for d in args.dtypes.split(",")]
+    runs = ("forced", "varied") if args.lengths == "varied" else ("forced",)
+    results = [run(d, args, peaks[d], lengths) for d in args.dtypes.split(",") for lengths in runs]
     print(f"tsched.bench | {jax.devices()[0].device_kind} x {jax.device_count()} | matmul peak: "
           f"f32 {peaks['float32']:.0f} GFLOP/s, bf16-in/f32-acc {peaks['bfloat16']:.0f} GFLOP/s")
-    print(f"update in {args.micro_batches} micro-batches; shape: {args.layers} layers, d {args.d_model}, "
-          f"ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
+    print(f"update in {args.micro_batches} micro-batches, {args.length_buckets} length buckets; shape: "
+          f"{args.layers} layers, d {args.d_model}, ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}, vocab {args.vocab} ({results[0]['params'] / 1e6:.2f}M params); "
           f"{args.prompts} prompts x {args.samples} samples, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'dtype':<9} {'phase':<10} {'median s':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'% peak':>7} {'tokens/s':>9}")
     for r in results:
+        if len(runs) > 1:
+            print(f"-- {r['dtype']}, {r['lengths']} lengths: mean {r['mean_length']:.1f}, max {r['max_length']} "
+                  f"(useful tokens only)")
         for k, p in r["phases"].items():
             print(f"{r['dtype']:<9} {k:<10} {p['median_s']:>9.3f} {p['gflop']:>7.1f} {p['gflops']:>8.1f} "
                   f"{p['pct_peak']:>6.1f}% {p['tokens_per_s']:>9.0f}")
+    for forced, varied in zip(results[::len(runs)], results[1::len(runs)]):  # pairs only with --lengths=varied
+        varied["rl_step_vs_forced"] = varied["rl_step_s"] / forced["rl_step_s"]
+        ratios = ", ".join(f"{k} {varied['phases'][k]['median_s'] / forced['phases'][k]['median_s']:.2f}"
+                           for k in ("sample", "score", "verify", "loss"))
+        print(f"{varied['dtype']}: varied / forced time: rl_step {varied['rl_step_vs_forced']:.2f}, {ratios}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -8,7 +8,9 @@ State (everything a resume needs besides the data iterator): {'params', 'opt_sta
 `state['step']` is the one step counter of a run: the update computes the schedule at
 `state['step'] + 1` (the paper's counter starts at 1), and the trainer derives the same number from
 the state for sampling keys, prompt transforms, logs and checkpoints.
-Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G.
+Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G. The model
+runs over micro-batches of length-sorted rows, each at a padded response length (`rl.length_buckets`)
+that holds its rows, so the update's cost follows the real response lengths (`policy_gradient`).
 """
 
 from __future__ import annotations
@@ -113,13 +115,54 @@ def micro_split(x, M: int):
     return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
 
 
-def score(rl, model_cfg, params, tokens, valid, P: int):
+def bucket_lengths(T: int, n: int) -> tuple[int, ...]:
+    """The padded response lengths micro-batches run at (`rl.length_buckets` = n): T, T/2, ..., T/2^(n-1)
+    (rounded up, ascending). n = 1 is the padded computation: every micro-batch at the full T."""
+    return tuple(sorted({-(-T // 2 ** k) for k in range(n)}))
+
+
+def length_groups(mask, M: int, buckets: tuple[int, ...]):
+    """mask [N, T] -> (order [M, N / M] row indices of each micro-batch, bucket [M] index into `buckets`).
+
+    The rows sorted by response length (stable: equal lengths keep their row order, so the grouping is a
+    function of the batch alone and a resumed run regroups identically) and cut into M micro-batches of
+    consecutive lengths; each runs at the smallest bucket holding its longest row. Sorting is what makes
+    bucketing pay: a micro-batch of short rows would otherwise be held at full length by one long row.
+    """
+    lengths = jnp.sum(mask, -1, dtype=jnp.int32)
+    order = jnp.argsort(lengths, stable=True).reshape(M, -1)
+    return order, jnp.searchsorted(jnp.asarray(buckets), lengths[order[:, -1]])  # smallest bucket >= longest
+
+
+def grouped(x, order):
+    """[N, ...] -> [M, N / M, ...] with slice m = x[order[m]], laid out as `micro_split` lays out its slices."""
+    return micro_split(x[order.T.reshape(-1)], order.shape[0])
+
+
+def bucketed_stats(model_cfg, params, tokens, valid, P: int, T: int, L: int, temperature: float):
+    """`token_stats` of a micro-batch run at response length L (its first P + L columns): log-probs and
+    entropies zero-padded back to [R, T]. Causal attention makes positions < L independent of the columns
+    cut off, so on the rows' valid tokens this is the padded computation; the loss then sees [R, T]
+    arrays exactly as in it (normalisers, token orders, random draws over T are unchanged)."""
+    logp, entropy = token_stats(model_cfg, params, tokens[:, :P + L], valid[:, :P + L], P, temperature)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, T - L)))
+    return pad(logp), pad(entropy)
+
+
+def score(rl, model_cfg, params, rows: dict, P: int):
     """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
-    them), in `rl.micro_batches` slices: the old policy of several updates per rollout."""
-    stats = lambda x: token_stats(model_cfg, params, x[0], x[1], P, rl.temperature)
-    logp, entropy = jax.lax.map(stats, (micro_split(tokens, rl.micro_batches), micro_split(valid, rl.micro_batches)))
-    unsplit = lambda x: x.swapaxes(0, 1).reshape(tokens.shape[0], -1)  # back to row order
-    return unsplit(logp), unsplit(entropy)
+    them), in `rl.micro_batches` slices grouped and bucketed by length as the update runs them (zero past
+    each row's bucket): the old policy of several updates per rollout."""
+    tokens, valid, mask = rows["tokens"], rows["valid"], rows["mask"]
+    N, T = mask.shape
+    buckets = bucket_lengths(T, rl.length_buckets)
+    order, bucket = length_groups(mask, rl.micro_batches, buckets)
+    branches = [functools.partial(lambda L, x: bucketed_stats(model_cfg, params, x[0], x[1], P, T, L, rl.temperature),
+                                  L) for L in buckets]
+    logp, entropy = jax.lax.map(lambda x: jax.lax.switch(x[2], branches, x),
+                                (grouped(tokens, order), grouped(valid, order), bucket))
+    back = lambda x: jnp.zeros((N, T), x.dtype).at[order.reshape(-1)].set(x.reshape(N, T))  # to row order
+    return back(logp), back(entropy)
 
 
 def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, key=None):
@@ -131,27 +174,40 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, ke
     PRNG key for losses that draw at random (folded with the micro-batch index). Returns (loss, grads,
     sums) with loss and grads normalised by the denominator summed over all micro-batches, so the
     result equals one pass over the whole batch for every aggregation mode.
-    """
-    M = rl.micro_batches
 
-    def micro(params, mb):
-        logp, entropy = token_stats(model_cfg, params, mb["tokens"], mb["valid"], P, rl.temperature)
-        ref_logp = None if ref_params is None else token_stats(model_cfg, ref_params, mb["tokens"], mb["valid"], P,
-                                                               rl.temperature)[0]
+    Cost follows the real lengths: micro-batches are rows of consecutive lengths (`length_groups`), and
+    each runs the model at its length bucket (`rl.length_buckets`) under `lax.switch`, one branch per
+    bucket, so every bucket shape is compiled once into the one step. Only the model runs shorter: the
+    loss sees the [R, T] arrays of the padded computation (`bucketed_stats`), so its value and gradient
+    do not depend on the buckets (tested against `rl.length_buckets=1`, every micro-batch at T).
+    Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope, clip_cov, kl_cov) take
+    them over these length-sorted micro-batches.
+    """
+    M, T = rl.micro_batches, rows["mask"].shape[1]
+    buckets = bucket_lengths(T, rl.length_buckets)
+    order, bucket = length_groups(rows["mask"], M, buckets)
+
+    def micro(L, params, mb):
+        stats = lambda p: bucketed_stats(model_cfg, p, mb["tokens"], mb["valid"], P, T, L, rl.temperature)
+        logp, entropy = stats(params)
+        ref_logp = None if ref_params is None else stats(ref_params)[0]
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
         num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
                                                old_logp=mb.get("old_logp"), key=mb_key,
                                                sample_logp=mb.get("sample_logp"), old_entropy=mb.get("old_entropy"))
         return num, (den, sums)
 
-    mbs = {**jax.tree.map(lambda x: micro_split(x, M), rows), "index": jnp.arange(M)}
+    mbs = {**jax.tree.map(lambda x: grouped(x, order), rows), "index": jnp.arange(M), "bucket": bucket}
+    branches = [functools.partial(lambda L, mb: jax.value_and_grad(functools.partial(micro, L), has_aux=True)(
+        params, mb), L) for L in buckets]
 
     def body(carry, mb):
-        (n, (d, s)), g = jax.value_and_grad(micro, has_aux=True)(params, mb)
+        (n, (d, s)), g = jax.lax.switch(mb["bucket"], branches, mb)
         return jax.tree.map(jnp.add, carry, (g, n, d, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs))[1][1]))
+    first = jax.tree.map(lambda x: x[0], mbs)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, first)[1][1]))
     (grads, num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
     den = jnp.maximum(den, 1e-8)
     return num / den, jax.tree.map(lambda g: g / den, grads), sums
@@ -194,7 +250,7 @@ def make_rl_step(cfg, model_cfg, tx):
             new_state = _apply(tx, state, grads)
             grad_norm = optax.global_norm(grads)
         else:
-            rows["old_logp"], rows["old_entropy"] = score(rl, model_cfg, state["params"], tokens, valid, P)
+            rows["old_logp"], rows["old_entropy"] = score(rl, model_cfg, state["params"], rows, P)
             new_state, loss, grad_norm, sums = _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key)
             if "sample_logp" in batch:  # sampler vs the learner's scoring pass, before any update
                 gap = jnp.abs(rows["old_logp"] - batch["sample_logp"]) * mask
