@@ -13,7 +13,6 @@ Rows: prompt b owns sampled rows b*G .. b*G+G-1; every per-prompt field is repea
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from typing import Any
 
@@ -101,22 +100,14 @@ def generate(model_cfg, scfg: SamplingConfig, params, batch: dict, key, tok, poo
     and `target`/`target_len` for transforms that need the reference solution); tok: anything with
     `decode(ids) -> str`, `pad_id` and `eos_id`; pool: a `tsched.verify.pool.VerifierPool`.
     max_new_per_row: optional int [N], each row's own token budget (the bench emulates varied response
-    lengths with it); rows are cut there before they are judged.
+    lengths with it; the sampler stops decoding a row there).
     """
     G = scfg.num_samples
     batch = PROMPT_TRANSFORMS[transform](batch, r, tok.pad_id, tok.eos_id)
-    cap = {}
-    # Until the sampler takes the per-row budget itself (branch sampler14) it samples every row in full.
-    if max_new_per_row is not None and "max_new_per_row" in inspect.signature(sample).parameters:
-        cap = {"max_new_per_row": jax.numpy.asarray(max_new_per_row, jax.numpy.int32)}
     t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(model_cfg, scfg, params, batch["prompt"], batch["prompt_len"], key, **cap))
+    out = jax.block_until_ready(sample(model_cfg, scfg, params, batch["prompt"], batch["prompt_len"], key,
+                                       max_new_per_row=max_new_per_row))
     t1 = time.perf_counter()
-    if max_new_per_row is not None:  # a no-op once the sampler honours the budget
-        lengths = np.minimum(np.asarray(out["lengths"]), max_new_per_row)
-        keep = np.arange(scfg.max_new_tokens)[None] < lengths[:, None]
-        out = {"tokens": np.where(keep, np.asarray(out["tokens"]), tok.pad_id), "lengths": lengths.astype(np.int32),
-               "logp": np.where(keep, np.asarray(out["logp"]), 0.0).astype(np.float32)}
     tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
     rows = [list(tokens[i, : lengths[i]]) for i in range(len(tokens))]
     if "prefix" in batch:

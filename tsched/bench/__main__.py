@@ -21,9 +21,8 @@ clipped, the mean is 0.237 T, the median 0.16 T, and 3% of rows reach the budget
 from numpy's default_rng(`--seed`), the same for every step. Its tokens and FLOP columns count useful
 (non-padding) work only, and the RL step's varied / forced time ratio is printed. The update runs in
 `--length-buckets` buckets (rl.length_buckets; default 3: T / 4, T / 2, T) in both runs. How the lengths
-arise: every row is sampled in full and cut at its drawn length (`tsched.rollout.generate`'s
-`max_new_per_row`) before the verifier and the update see it; so the `sample` phase measures full-length
-sampling, unless the sampler takes `max_new_per_row` itself, which it is then given.
+arise: the sampler's per-row budget (`max_new_per_row`) ends each row at its drawn length (EOS stays
+disabled), and finished rows leave the decode batch between chunks as they do in training.
 
 Phases, each the median over `--steps` steady-state steps after one warm-up:
     sample     the jitted sampler (prefill + while_loop decode)
@@ -37,7 +36,6 @@ Phases, each the median over `--steps` steady-state steps after one warm-up:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 
@@ -120,8 +118,7 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
     prompt_lens = jnp.full((B,), P, jnp.int32)
     scfg = SamplingConfig(max_new_tokens=T, eos_id=-1, pad_id=0, temperature=1.0, num_samples=G)
     row_lens = varied_lengths(T, N, args.seed) if lengths == "varied" else np.full(N, T, np.int32)
-    cap = {"max_new_per_row": jnp.asarray(row_lens)} if "max_new_per_row" in inspect.signature(sample).parameters \
-        and lengths == "varied" else {}  # until the sampler takes the per-row budget (branch sampler14)
+    cap = {"max_new_per_row": jnp.asarray(row_lens)} if lengths == "varied" else {}
 
     key = [0]
 
