@@ -69,8 +69,9 @@ def colocate(tree, like):
 
     Scalars made outside jit (a step counter, a key, optimizer counts) sit on one device, while a jitted
     step returns them on the mesh: left so, the step compiles twice, for its first call and the rest."""
-    mesh = next((x.sharding.mesh for x in jax.tree.leaves(like) if isinstance(x.sharding, NamedSharding)), None)
-    if mesh is None:
+    placed = [x.sharding for x in jax.tree.leaves(like) if not isinstance(x, jax.core.Tracer)]
+    mesh = next((s.mesh for s in placed if isinstance(s, NamedSharding)), None)
+    if mesh is None:  # not on a mesh, or inside a trace (where jit places the outputs)
         return tree
     on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
     return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(mesh)), tree)
