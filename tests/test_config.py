@@ -182,3 +182,14 @@ def test_warm_start_must_be_a_finished_sft_of_the_same_config(tmp_path):
     cfg.sft.steps, cfg.sft.warm_start = 30, str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=r"'sft.warm_start'.*config.json \(no such directory\)"):
         validate(cfg, num_devices=1)
+
+
+def test_a_field_added_after_a_run_was_written_counts_as_its_default():
+    import json
+
+    cfg = base_config()
+    saved = json.loads(cfg.to_json_best_effort())
+    del saved["rl"]["length_buckets"]  # a run dir written before the field existed
+    assert config.config_differences(cfg, json.dumps(saved)) == []
+    cfg.rl.length_buckets = 3
+    assert config.config_differences(cfg, json.dumps(saved)) == ["rl.length_buckets: 1 -> 3"]

@@ -221,13 +221,16 @@ _WARM_START_FREE = ("data.data_dir", "sft.warm_start")
 
 def config_differences(cfg, saved_json: str, compared=None, free=()) -> list[str]:
     """`field: saved -> cfg` for each field whose value differs between `cfg` and a saved config.json's
-    text, among the fields starting with one of `compared` (None: all) and none of `free`."""
+    text, among the fields starting with one of `compared` (None: all) and none of `free`. A field the
+    saved config lacks counts as its `base_config` default: fields are added with the default that keeps
+    the old behaviour, so a run written before one was added still resumes."""
     import json
 
     from flax.traverse_util import flatten_dict
 
-    old = flatten_dict(json.loads(saved_json), sep=".")
-    new = flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
+    flat = lambda c: flatten_dict(json.loads(c.to_json_best_effort()), sep=".")
+    old = {**flat(base_config()), **flatten_dict(json.loads(saved_json), sep=".")}
+    new = flat(cfg)
     missing = "(absent)"
     keys = [k for k in sorted(set(old) | set(new))
             if (compared is None or k.startswith(compared)) and not k.startswith(free)]
