@@ -36,7 +36,7 @@ class TschedTasks(tfds.core.GeneratorBasedBuilder):
     """Generated verifiable reasoning tasks with exact answers and reference solutions."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "arith, mult, gcd, sort families."}
+    RELEASE_NOTES = {"1.0.0": "arith, mult, gcd, sort families (later: chain)."}
     BUILDER_CONFIGS = [TaskConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
