@@ -20,8 +20,9 @@ def test_param_count_and_logical_axes(tiny_model_cfg, tiny_params):
     assert specs["layers"]["q"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "qkv_bias": True, "tie_embeddings": False},
-                                     {"rope_scaling": (8.0, 1.0, 4.0, 16)}, {"dtype": "bfloat16"}])
+@pytest.mark.parametrize("variant", [{"qk_norm": True, "qkv_bias": True, "tie_embeddings": False},
+                                     {"rope_scaling": (8.0, 1.0, 4.0, 16)}, pytest.param({}, marks=pytest.mark.slow),
+                                     pytest.param({"dtype": "bfloat16"}, marks=pytest.mark.slow)])
 def test_cached_decode_equals_full_forward(tiny_model_cfg, variant):
     cfg = dataclasses.replace(tiny_model_cfg, **variant)
     params = model.init_params(cfg, jax.random.key(1))

@@ -8,9 +8,25 @@ import numpy as np
 import pytest
 
 from tsched import model
+from tsched.sampling import sampler
 from tsched.sampling.sampler import SamplingConfig, filter_logits, sample
 
 EOS, PAD = 3, 0
+SLOW = pytest.mark.slow  # more cases of a test whose first case runs in the fast set
+
+
+@pytest.fixture
+def narrow_windows(monkeypatch):
+    """Windows of any width, so that the tests' short budgets decode through several windows."""
+    monkeypatch.setattr(sampler, "MIN_WINDOW", 1)
+
+
+def test_windows_grow_to_the_budget_and_are_never_narrower_than_the_minimum():
+    assert sampler._windows(128) == [32, 64, 96, 128]
+    assert sampler._windows(100) == [34, 67, 100]
+    assert sampler._windows(64) == [32, 64]
+    assert sampler._windows(40) == [40]
+    assert sampler._windows(1) == [1]
 
 
 def prompts_batch(cfg, lens, P=8, seed=0):
@@ -51,8 +67,9 @@ def test_deterministic_for_a_key_and_different_across_keys(tiny_model_cfg, tiny_
     assert len({tuple(r) for r in np.asarray(a["tokens"])[:3]}) > 1
 
 
-@pytest.mark.parametrize("T", [16, 7, 2, 1])  # decode chunks of equal and unequal sizes, fewer steps than chunks
-def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg, tiny_params, T):
+# windows of unequal and equal sizes, fewer steps than windows
+@pytest.mark.parametrize("T", [7, pytest.param(16, marks=SLOW), pytest.param(2, marks=SLOW), pytest.param(1, marks=SLOW)])
+def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg, tiny_params, narrow_windows, T):
     lens = [8, 2, 5]
     prompts, plens = prompts_batch(tiny_model_cfg, lens)
     scfg = SamplingConfig(max_new_tokens=T, eos_id=-1, pad_id=PAD, temperature=0.0)
@@ -61,8 +78,8 @@ def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg
     valid = jnp.concatenate([jnp.arange(8)[None] >= 8 - plens[:, None], jnp.ones((3, T), bool)], 1)
     logits = model.forward(tiny_model_cfg, tiny_params, full, valid)
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 7:-1], -1)), np.asarray(out["tokens"]))
-    # each prompt alone, without any padding, gives the same continuation
-    for i, n in enumerate(lens):
+    # a padded prompt alone, without its padding, gives the same continuation
+    for i, n in list(enumerate(lens))[1:]:
         alone = sample(tiny_model_cfg, scfg, tiny_params, prompts[i:i + 1, 8 - n:], plens[i:i + 1], jax.random.key(0))
         np.testing.assert_array_equal(np.asarray(alone["tokens"][0]), np.asarray(out["tokens"][i]))
 
@@ -180,7 +197,7 @@ def test_shared_prompt_cache_equals_repeated_prompts(tiny_model_cfg, tiny_params
     assert len({tuple(r) for r in a["tokens"][:G]}) > 1  # the samples of a prompt differ
 
 
-def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_model_cfg, tiny_params):
+def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_model_cfg, tiny_params, narrow_windows):
     """Per-row caps (`max_new_per_row`): capped rows end at their cap with the same first tokens as
     uncapped, the others are unchanged although they run on in a compacted batch (row_steps shows the
     decode cost following the real token counts)."""

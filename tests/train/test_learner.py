@@ -16,6 +16,7 @@ from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.train import learner
 
 B, G, P, T = 2, 4, 6, 10
+SLOW = pytest.mark.slow  # more cases of a test whose first case runs in the fast set
 
 
 def make_cfg(**rl):
@@ -67,8 +68,9 @@ def run_step(cfg, mcfg, params, data, with_ref=True, ref_params=None):
 
 
 @pytest.mark.parametrize("mode,strategy,normalizer", [
-    ("token-mean", "tp", "selected_tokens"), ("seq-mean-token-sum", "forking", "valid_tokens"),
-    ("seq-mean-token-mean", "entropy_adv", "selected_tokens"), ("seq-mean-token-sum-norm", "forking", "selected_tokens"),
+    ("token-mean", "tp", "selected_tokens"), ("seq-mean-token-mean", "entropy_adv", "selected_tokens"),
+    pytest.param("seq-mean-token-sum", "forking", "valid_tokens", marks=SLOW),
+    pytest.param("seq-mean-token-sum-norm", "forking", "selected_tokens", marks=SLOW),
 ])
 def test_gradient_accumulation_equals_full_batch(tiny_model_cfg, tiny_params, mode, strategy, normalizer):
     data = batch(tiny_model_cfg.vocab_size)
@@ -167,7 +169,8 @@ def test_learner_logp_is_next_token_logp_at_the_temperature(tiny_model_cfg, tiny
     np.testing.assert_allclose(np.asarray(entropy)[m], want_ent[m], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 1.0), (1.5, 0.9)])
+@pytest.mark.parametrize("temperature,top_p", [(1.5, 0.9), pytest.param(0.7, 1.0, marks=SLOW),
+                                               pytest.param(1.0, 1.0, marks=SLOW)])
 def test_sampler_and_learner_agree_on_every_token(tiny_model_cfg, tiny_params, temperature, top_p):
     """The learner's log-prob of each sampled token equals the sampler's (left-padded prompts), and the
     jitted update reports the gap as `logp_mismatch`."""
@@ -440,11 +443,12 @@ def test_length_groups_sort_rows_and_pick_the_smallest_bucket():
 @pytest.mark.parametrize("rl", [
     {"aggregation": "token-mean", "credit.strategy": "tp"},
     {"aggregation": "seq-mean-token-sum-norm", "credit.strategy": "forking_batch", "credit.normalizer": "valid_tokens"},
-    {"aggregation": "seq-mean-token-mean", "credit.strategy": "empg", "loss": "gspo", "kl_coef": 0.1},
-    {"aggregation": "token-mean", "credit.strategy": "uniform", "loss": "clip_cov", "credit.clip_cov_ratio": 0.3,
-     "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9},
-    {"aggregation": "seq-mean-token-sum", "credit.strategy": "forking", "epochs": 2, "mini_batches": 2,
-     "loss": "trace"},
+    pytest.param({"aggregation": "seq-mean-token-mean", "credit.strategy": "empg", "loss": "gspo", "kl_coef": 0.1},
+                 marks=SLOW),
+    pytest.param({"aggregation": "token-mean", "credit.strategy": "uniform", "loss": "clip_cov",
+                  "credit.clip_cov_ratio": 0.3, "credit.clip_cov_lb": -1e9, "credit.clip_cov_ub": 1e9}, marks=SLOW),
+    pytest.param({"aggregation": "seq-mean-token-sum", "credit.strategy": "forking", "epochs": 2, "mini_batches": 2,
+                  "loss": "trace"}, marks=SLOW),
 ], ids=["tp", "forking_batch-norm", "empg-gspo-kl", "clip_cov", "epochs-mini-trace"])
 def test_length_buckets_give_the_padded_update(tiny_model_cfg, tiny_params, rl):
     """Every micro-batch at the full length (1 bucket) and at length buckets (3, 5, 10): the same loss,
@@ -460,7 +464,7 @@ def test_length_buckets_give_the_padded_update(tiny_model_cfg, tiny_params, rl):
     assert len(set(np.asarray(learner.length_groups(mask, 4, (3, 5, 10))[1]).tolist())) >= 2
     assert float(m0["grad_norm"]) > 0
     for k in m0:
-        np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=2e-5, atol=1e-6, err_msg=k)
     scale = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(tiny_params)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale),

@@ -33,6 +33,9 @@ from tsched.model import ModelConfig
 from tsched.model.decoder import COMPUTE_DTYPES
 
 WINDOW_CHUNKS = 4  # own-cache widths T/4, T/2, ...: attention windows that grow with the generated length
+# Windows are at least this many slots wide: below it a narrower window saves less attention than the
+# decode compilation it costs (one per window and bucket), so short budgets decode in one window.
+MIN_WINDOW = 32
 DECODE_CHUNK = 16  # decode steps between the host's checks for finished rows (and batch compaction)
 # The smallest compacted batch: below ~8 rows a decode step costs about the same as at 8 (it is bound
 # by reading the weights), and every bucket size is one more compilation per window.
@@ -98,10 +101,10 @@ def _next_token(logits: jax.Array, keys: jax.Array, scfg: SamplingConfig):
     return tok, logp
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefill(cfg: ModelConfig, scfg: SamplingConfig, params, prompts, prompt_lens, caps):
-    """The prompts' caches and the initial decode state of all N = B * G rows (own caches of the first
-    window width)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _prefill(cfg: ModelConfig, scfg: SamplingConfig, width: int, params, prompts, prompt_lens, caps):
+    """The prompts' caches and the initial decode state of all N = B * G rows (own caches `width` slots
+    wide, the first window)."""
     B, P = prompts.shape
     G = scfg.num_samples
     pad_len = P - prompt_lens
@@ -116,7 +119,7 @@ def _prefill(cfg: ModelConfig, scfg: SamplingConfig, params, prompts, prompt_len
     N, T = B * G, scfg.max_new_tokens
     prompt = {"cache": cache, "valid": valid, "lens": prompt_lens}
     state = {"i": jnp.int32(0), "rows": jnp.arange(N, dtype=jnp.int32),
-             "cache": model_lib.init_cache(cfg, N, _windows(T)[0], value_dtype),
+             "cache": model_lib.init_cache(cfg, N, width, value_dtype),
              "last": jnp.repeat(logits[:, -1], G, axis=0), "done": caps <= 0,
              "tokens": jnp.full((N, T), scfg.pad_id, jnp.int32), "logp": jnp.zeros((N, T), jnp.float32),
              "lengths": jnp.zeros(N, jnp.int32)}
@@ -169,7 +172,7 @@ def _resize(n: int, width: int, state):
 
 
 def _windows(T: int) -> list[int]:
-    C = min(WINDOW_CHUNKS, T)
+    C = max(1, min(WINDOW_CHUNKS, T // MIN_WINDOW))
     return sorted({-(-T * (c + 1) // C) for c in range(C)})
 
 
@@ -193,9 +196,10 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     B, _ = prompts.shape
     N, T = B * scfg.num_samples, scfg.max_new_tokens
     caps = jnp.full((N,), T, jnp.int32) if max_new_per_row is None else jnp.asarray(max_new_per_row, jnp.int32)
-    layers, prompt, state = _prefill(cfg, scfg, params, prompts, prompt_lens, caps)
+    windows = _windows(T)
+    layers, prompt, state = _prefill(cfg, scfg, windows[0], params, prompts, prompt_lens, caps)
     i, n, row_steps, running = 0, N, 0, N
-    for width in _windows(T):
+    for width in windows:
         if not running:
             break
         if state["cache"][0]["v"].shape[2] < width:
