@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     # decode reads (sampler/learner log-prob gap measured in the README).
     c.rl.cache_dtype = "auto"
     c.rl.lr = 1e-4
+    c.rl.warmup_steps = 0  # optimizer steps over which the RL rate rises linearly from 0 to rl.lr; 0 = constant
     c.rl.max_grad_norm = 1.0
     c.rl.micro_batches = 1  # gradient accumulation: one optimizer step over this many slices
     c.rl.mini_batches = 1  # optimizer steps per pass over a rollout batch (1 with epochs 1: on-policy)
@@ -350,7 +351,7 @@ _RANGES = {
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
     "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (300 from scratch, 0 with model.init_from)"),
     **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
-                                  "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
+                                  "rl.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
                                   "rl.credit.kl_cov_beta", "train.checkpoint_every_s")},

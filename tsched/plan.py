@@ -51,7 +51,7 @@ def plan(cfg) -> dict:
     shapes = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_shardings)
 
-    tx = learner.make_optimizer(cfg.rl.lr, cfg.rl.max_grad_norm)
+    tx = learner.make_optimizer(cfg.rl.lr, cfg.rl.max_grad_norm, cfg.rl.warmup_steps)
     abstract = jax.eval_shape(lambda p: learner.init_state(p, tx, jax.random.key(0)), params)
     replicated = sharding.replicated(mesh)
     # Optimizer moments are sharded like the parameters they belong to; counters are replicated.

@@ -89,6 +89,19 @@ def test_gradient_accumulation_equals_full_batch(tiny_model_cfg, tiny_params, mo
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), *updates)
 
 
+def test_rl_warmup_raises_the_rate_linearly_then_holds_it():
+    """A constant gradient: Adam's bias-corrected update is then lr_k * sign(g) (up to eps), with
+    lr_k = lr * min(k / warmup, 1) at optimizer step k = 0, 1, ... (optax counts from 0)."""
+    lr, warmup = 1e-3, 4
+    tx = learner.make_optimizer(lr, 1e9, warmup)
+    g = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    opt_state = tx.init(jax.tree.map(jnp.zeros_like, g))
+    for k in range(7):
+        updates, opt_state = tx.update(g, opt_state, g)
+        want = -lr * min(k / warmup, 1.0) * np.sign(np.asarray(g["w"]))
+        np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5, atol=1e-12)
+
+
 def test_compiles_once_across_steps(tiny_model_cfg, tiny_params):
     cfg = make_cfg()
     tx = learner.make_optimizer(1e-3, 1.0)

@@ -28,8 +28,14 @@ from tsched.rl import objective, schedules
 
 
 def make_optimizer(lr: float, max_grad_norm: float, warmup_steps: int = 0, total_steps: int = 0):
+    """AdamW after global-norm clipping. With warmup_steps the rate rises linearly from 0 (optax's count from
+    0) to lr over them; with total_steps as well it then follows a cosine to lr / 10 at total_steps (SFT),
+    else it stays at lr (RL: a fresh Adam's first updates are about lr x sign(g) for every parameter,
+    before its second moments settle)."""
     if warmup_steps and total_steps:
         lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), lr * 0.1)
+    elif warmup_steps:
+        lr = optax.linear_schedule(0.0, lr, warmup_steps)
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr, b1=0.9, b2=0.99,
                                                                             weight_decay=0.0))
 

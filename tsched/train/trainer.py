@@ -426,7 +426,7 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
     scfg = SamplingConfig(max_new_tokens=rl.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
                           temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, num_samples=rl.group_size,
                           cache_dtype=rl.cache_dtype)
-    tx = learner.make_optimizer(rl.lr, rl.max_grad_norm)
+    tx = learner.make_optimizer(rl.lr, rl.max_grad_norm, rl.warmup_steps)
     need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
     ref_params = params if need_ref else None
     # The update donates its state, so the policy must not share buffers with the reference policy.
