@@ -26,13 +26,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
-def pytest_collection_modifyitems(items):
-    """The slow (end-to-end, minutes-long) tests first, in their collected order: started last, one of
-    them kept a worker busy for minutes after the other had run out of tests; started first, xdist's work
-    stealing fits the short tests around them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_cfg():
     from tsched.model import ModelConfig

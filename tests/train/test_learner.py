@@ -69,8 +69,8 @@ def run_step(cfg, mcfg, params, data, with_ref=True, ref_params=None):
 
 @pytest.mark.parametrize("mode,strategy,normalizer", [
     ("token-mean", "tp", "selected_tokens"), ("seq-mean-token-mean", "entropy_adv", "selected_tokens"),
+    ("seq-mean-token-sum-norm", "forking", "selected_tokens"),
     pytest.param("seq-mean-token-sum", "forking", "valid_tokens", marks=SLOW),
-    pytest.param("seq-mean-token-sum-norm", "forking", "selected_tokens", marks=SLOW),
 ])
 def test_gradient_accumulation_equals_full_batch(tiny_model_cfg, tiny_params, mode, strategy, normalizer):
     data = batch(tiny_model_cfg.vocab_size)
