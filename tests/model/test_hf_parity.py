@@ -28,7 +28,8 @@ MODELS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qw
 
 
 # Qwen3 in the fast set; Llama (llama3 RoPE scaling) and Qwen2 (q/k/v biases) in the full suite.
-@pytest.fixture(scope="module", params=["qwen3", *(pytest.param(k, marks=pytest.mark.slow) for k in ("llama", "qwen2"))])
+@pytest.fixture(scope="module",
+                params=["qwen3", *(pytest.param(k, marks=pytest.mark.slow) for k in ("llama", "qwen2"))])
 def hf_model(request, tmp_path_factory):
     torch.manual_seed(0)
     cfg = CASES[request.param]()

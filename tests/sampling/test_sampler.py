@@ -68,7 +68,7 @@ def test_deterministic_for_a_key_and_different_across_keys(tiny_model_cfg, tiny_
 
 
 # windows of unequal and equal sizes, fewer steps than windows
-@pytest.mark.parametrize("T", [7, pytest.param(16, marks=SLOW), pytest.param(2, marks=SLOW), pytest.param(1, marks=SLOW)])
+@pytest.mark.parametrize("T", [7, *(pytest.param(T, marks=SLOW) for T in (16, 2, 1))])
 def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg, tiny_params, narrow_windows, T):
     lens = [8, 2, 5]
     prompts, plens = prompts_batch(tiny_model_cfg, lens)

@@ -7,15 +7,15 @@ own generated tokens (token i of every row goes to slot i of it), with one softm
 e.g. Qwen's `<|im_end|>` and `<|endoftext|>`, compared in one vectorised test per step) or at its cap
 (`max_new_per_row`), and writes padding after.
 
-The decode runs in chunks of at most DECODE_CHUNK steps; between chunks the host reads which rows are
-still running, and when they fit a smaller power-of-two bucket, the running rows are gathered into it:
-rows that stopped stop costing. Bucket sizes and the widths of the own caches (WINDOW_CHUNKS growing
-attention windows, so attention reads only the slots a chunk can have written) are static shapes, each
-compiled once. Randomness is per row and step (`fold_in(fold_in(rng, row), step)`), so a row's tokens do
-not depend on which rows share its batch: equal keys give equal outputs with or without compaction.
-The stacked layer weights are split per layer once per call (`unstack_layers`, one extra copy of the
-weights while sampling), so a decode step reads each layer's weights and cache where they are and updates
-the cache in place; the decode state is donated from chunk to chunk.
+The decode runs in chunks of at most DECODE_CHUNK steps; between chunks the host reads which rows are still
+running, and when they fit a smaller power-of-two bucket, the running rows are gathered into it: rows that
+stopped stop costing. Bucket sizes and the widths of the own caches (up to WINDOW_CHUNKS growing attention
+windows of at least MIN_WINDOW slots, so attention reads only the slots a chunk can have written) are static
+shapes, each compiled once. Randomness is per row and step (`fold_in(fold_in(rng, row), step)`), so a row's
+tokens do not depend on which rows share its batch: equal keys give equal outputs with or without
+compaction. The stacked layer weights are split per layer once per call (`unstack_layers`, one extra copy of
+the weights while sampling), so a decode step reads each layer's weights and cache where they are and
+updates the cache in place; the decode state is donated from chunk to chunk.
 """
 
 from __future__ import annotations
