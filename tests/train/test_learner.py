@@ -287,6 +287,7 @@ def test_kl_metrics_against_a_different_reference_policy(tiny_model_cfg, tiny_pa
 
 # ---- Several updates per rollout: rl.mini_batches x rl.epochs optimizer steps, old policy = the sampler's.
 
+@SLOW  # test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key checks epochs in the fast set
 def test_two_epochs_equal_two_sequential_updates_against_the_sampling_policy(tiny_model_cfg, tiny_params):
     """epochs 2, one mini-batch, SGD lr 1: p1 = p0 - g(p0; old p0), p2 = p1 - g(p1; old p0)."""
     data = batch(tiny_model_cfg.vocab_size, seed=8)
@@ -338,6 +339,7 @@ def test_mini_batches_must_split_the_batch():
         validate(cfg, num_devices=1)
 
 
+@SLOW  # tests/model/test_attention.py checks values and gradients in the fast set
 def test_chunked_logits_and_blockwise_attention_give_the_same_update(tiny_model_cfg, tiny_params):
     # model.logits_chunk / model.attn_block only change memory: the RL step (with the reference policy's
     # pass for the KL metrics) gives the same loss, metrics and parameter update.
@@ -485,6 +487,7 @@ def test_length_buckets_give_the_padded_update(tiny_model_cfg, tiny_params, rl):
                  s1["params"], s0["params"])
 
 
+@SLOW  # a compile count; the buckets' values are checked in the fast set
 def test_each_length_bucket_is_traced_once(tiny_model_cfg, tiny_params, monkeypatch):
     """One compilation of the step for batches of all-short, all-long and mixed lengths; the model is
     traced at each bucket's length and no other (the scoring pass and the update of several epochs)."""
