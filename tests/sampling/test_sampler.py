@@ -78,8 +78,8 @@ def test_greedy_kv_decode_equals_full_forward_and_ignores_padding(tiny_model_cfg
     valid = jnp.concatenate([jnp.arange(8)[None] >= 8 - plens[:, None], jnp.ones((3, T), bool)], 1)
     logits = model.forward(tiny_model_cfg, tiny_params, full, valid)
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 7:-1], -1)), np.asarray(out["tokens"]))
-    # a padded prompt alone, without its padding, gives the same continuation
-    for i, n in list(enumerate(lens))[1:]:
+    # each prompt alone, without any padding, gives the same continuation
+    for i, n in enumerate(lens):
         alone = sample(tiny_model_cfg, scfg, tiny_params, prompts[i:i + 1, 8 - n:], plens[i:i + 1], jax.random.key(0))
         np.testing.assert_array_equal(np.asarray(alone["tokens"][0]), np.asarray(out["tokens"][i]))
 
