@@ -145,6 +145,13 @@ def grouped(x, order):
     return micro_split(x[order.T.reshape(-1)], order.shape[0])
 
 
+def per_bucket(buckets: tuple[int, ...], f):
+    """f(L, *args) for the bucket lengths L as one function of (bucket index, *args): `lax.switch` over one
+    branch per bucket, each shape traced and compiled once into the calling step."""
+    branches = [functools.partial(f, L) for L in buckets]
+    return lambda i, *args: jax.lax.switch(i, branches, *args)
+
+
 def bucketed_stats(model_cfg, params, tokens, valid, P: int, T: int, L: int, temperature: float):
     """`token_stats` of a micro-batch run at response length L (its first P + L columns): log-probs and
     entropies zero-padded back to [R, T]. Causal attention makes positions < L independent of the columns
@@ -163,10 +170,9 @@ def score(rl, model_cfg, params, rows: dict, P: int):
     N, T = mask.shape
     buckets = bucket_lengths(T, rl.length_buckets)
     order, bucket = length_groups(mask, rl.micro_batches, buckets)
-    branches = [functools.partial(lambda L, x: bucketed_stats(model_cfg, params, x[0], x[1], P, T, L, rl.temperature),
-                                  L) for L in buckets]
-    logp, entropy = jax.lax.map(lambda x: jax.lax.switch(x[2], branches, x),
-                                (grouped(tokens, order), grouped(valid, order), bucket))
+    stats = per_bucket(buckets, lambda L, tokens, valid: bucketed_stats(model_cfg, params, tokens, valid, P, T, L,
+                                                                         rl.temperature))
+    logp, entropy = jax.lax.map(lambda x: stats(*x), (bucket, grouped(tokens, order), grouped(valid, order)))
     back = lambda x: jnp.zeros((N, T), x.dtype).at[order.reshape(-1)].set(x.reshape(N, T))  # to row order
     return back(logp), back(entropy)
 
@@ -204,11 +210,10 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, ke
         return num, (den, sums)
 
     mbs = {**jax.tree.map(lambda x: grouped(x, order), rows), "index": jnp.arange(M), "bucket": bucket}
-    branches = [functools.partial(lambda L, mb: jax.value_and_grad(functools.partial(micro, L), has_aux=True)(
-        params, mb), L) for L in buckets]
+    run = per_bucket(buckets, lambda L, mb: jax.value_and_grad(functools.partial(micro, L), has_aux=True)(params, mb))
 
     def body(carry, mb):
-        (n, (d, s)), g = jax.lax.switch(mb["bucket"], branches, mb)
+        (n, (d, s)), g = run(mb["bucket"], mb)
         return jax.tree.map(jnp.add, carry, (g, n, d, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
