@@ -74,6 +74,8 @@ def test_qwen3_jsonl_chat_eval_every_export_and_eval_cli(world):
     rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if r["phase"] == "sft"] == []  # no toy warm start from a checkpoint
     assert all("eval/a/avg@4" in r and "eval/b/truncated" in r for r in rows if r["phase"] == "rl")
+    last = [r for r in rows if r["phase"] == "rl"][-1]  # the after-RL evaluation is the last step's
+    assert summary["eval_per_set_after_rl"] == {k: v for k, v in last.items() if k.startswith("eval/")}
 
     # ---- the export: transformers loads it with the logits of the final RL parameters, stops on both ids
     hf_dir = os.path.join(run_dir, "hf")

@@ -309,14 +309,13 @@ def _run(cfg, t_start, signals) -> str:
         _print_eval("before RL", cfg, before)
 
         # ---- RL (with eval.every: the same evaluation every N steps, logged as eval/<set>/...)
-        periodic = lambda p: eval_lib.flat_metrics(eval_lib.evaluate_sets(cfg, model_cfg, p, eval_sets, tok, pool,
-                                                                          eval_key))
-        params = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key, signals, resuming,
-                     periodic)
+        evaluate = lambda p: eval_lib.evaluate_sets(cfg, model_cfg, p, eval_sets, tok, pool, eval_key)
+        params, last_eval = _rl(cfg, model_cfg, params, splits["train"], tok, pool, rl_ckpt, writer, key, signals,
+                                resuming, evaluate)
 
-        # ---- Evaluation after RL
+        # ---- Evaluation after RL (the last step's periodic one when this launch ran it: same params and key)
         _event("eval_after_start")
-        after = eval_lib.evaluate_sets(cfg, model_cfg, params, eval_sets, tok, pool, eval_key)
+        after = last_eval if last_eval is not None else evaluate(params)
         _event("eval_after_end")
         _print_eval("after RL", cfg, after)
         _write_atomically(run_dir / "eval_after_rl.md", eval_lib.markdown(after, f"{run_dir} after {cfg.rl.steps} RL steps"))
@@ -414,7 +413,8 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
 
 def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, signals, resuming, periodic_eval=None):
     """Scheduled RL; checkpoints every `train.checkpoint_every` steps (and `checkpoint_every_s` seconds)
-    and at the end. `periodic_eval(params) -> metrics` runs every `eval.every` steps.
+    and at the end. `periodic_eval(params) -> per-set results` runs every `eval.every` steps, logged as
+    eval/<set>/... metrics. Returns (final params, the last step's periodic evaluation or None).
 
     The step number of each iteration is read from the train state (`state['step'] + 1`), the counter
     the jitted update computes its schedule from: sampling keys, the prompt transform, logs and
@@ -444,6 +444,7 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
     bar = tqdm(total=rl.steps, initial=int(state["step"]), desc="RL", disable=not cfg.train.progress,
                dynamic_ncols=True)
     signals.deferred = True
+    last_eval = None  # the periodic evaluation of the latest step, if it had one
     while (step := int(state["step"]) + 1) <= rl.steps:
         r = float(schedules.magnitude(step, rl.schedule))
         sample_key, _ = learner.step_keys(state["rng"], step)
@@ -452,8 +453,10 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         state, m = rl_step(state, ref_params, ro.learner_batch())
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
         saver.count(m["skipped"])
+        last_eval = None
         if periodic_eval is not None and cfg.eval.every and step % cfg.eval.every == 0:
-            m.update(periodic_eval(state["params"]))
+            last_eval = periodic_eval(state["params"])
+            m.update(eval_lib.flat_metrics(last_eval))
         writer.write(step, {**m, "skipped_steps": saver.skipped_steps})
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
@@ -464,4 +467,4 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         saver.end_of_step(step, state, it)
     signals.deferred = False
     bar.close()
-    return state["params"]
+    return state["params"], last_eval
