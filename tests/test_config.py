@@ -71,6 +71,8 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("rl.temperature", 0.0, "rl.temperature"),
     ("eval.temperature", -0.5, "eval.temperature"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
+    ("rl.prompts_per_pass", 3, "rl.prompts_per_pass"),  # must divide rl.prompts_per_step (16)
+    ("rl.prompts_per_pass", -1, "rl.prompts_per_pass"),
     ("rl.length_buckets", 0, "rl.length_buckets"),
     ("rl.length_buckets", 8, "rl.length_buckets"),  # max_new_tokens 64: the shortest bucket would be < 1 token
     ("model.n_heads", 3, "model.n_heads"),
@@ -96,6 +98,9 @@ def test_mesh_is_checked_against_the_devices():
     validate(cfg, num_devices=8)
     with pytest.raises(ConfigError, match="mesh"):
         validate(cfg, num_devices=4)
+    cfg.rl.prompts_per_step = 12  # batches split by rows over data x fsdp = 8 devices
+    with pytest.raises(ConfigError, match=r"rl.prompts_per_step.*mesh.data x mesh.fsdp \(2 x 4\)"):
+        validate(cfg, num_devices=8)
 
 
 def test_allowed_names_are_the_registries():

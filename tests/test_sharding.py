@@ -1,4 +1,5 @@
-"""Sharded over 8 simulated CPU devices, loss, gradients and sampled tokens equal the single-device ones.
+"""Sharded over 8 simulated CPU devices, loss, gradients, sampled tokens and the jitted steps (explicit
+in/out shardings) equal the single-device ones.
 
 The device count is fixed when JAX starts, so the check runs in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -28,16 +29,19 @@ def check(mesh_shape, memory_saving=False):
     from tsched.sampling.sampler import SamplingConfig, sample
     from tsched.train import learner
 
+    import optax
+
     assert jax.device_count() == 8
-    mcfg = model.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    # Heads, KV heads, MLP and vocabulary all divide over a 4-way 'tensor' axis.
+    mcfg = model.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=4,
                              ffn_dim=64, qk_norm=True)
     if memory_saving:  # chunked log-probs and blockwise attention: scans over sharded rows
         mcfg = dataclasses.replace(mcfg, logits_chunk=4, attn_block=4)
     params = model.init_params(mcfg, jax.random.key(0))
-    B, G, P, T = 4, 4, 6, 10
+    B, G, P, T = 8, 4, 6, 10  # prompts split over up to 8 devices
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(4, 64, (B, P)), jnp.int32)
-    plens = jnp.asarray([6, 3, 5, 1], jnp.int32)
+    plens = jnp.asarray([6, 3, 5, 1, 2, 6, 4, 6], jnp.int32)
     prompts = jnp.where(jnp.arange(P)[None] >= P - plens[:, None], prompts, 0)
     scfg = SamplingConfig(max_new_tokens=T, eos_id=3, pad_id=0, temperature=1.0, num_samples=G)
     cfg = base_config()
@@ -49,25 +53,46 @@ def check(mesh_shape, memory_saving=False):
         num, den, _ = objective.policy_loss(cfg.rl, jnp.float32(0.5), logp, ent, adv, mask)
         return num / den
 
-    def run(p):
+    tx = optax.sgd(0.1)
+
+    def run(p, mesh=None):
         out = sample(mcfg, scfg, p, prompts, plens, jax.random.key(1))
         adv = jnp.linspace(-1, 1, B * G)
         value, grads = jax.jit(jax.value_and_grad(loss))(p, out["tokens"], out["lengths"], adv)
-        return jax.device_get((out["tokens"], value, grads))
+        # The trainer's steps: on a mesh jitted with explicit in/out shardings, the batch placed by rows.
+        batch = {"prompts": prompts, "prompt_lens": plens, "completions": out["tokens"], "lengths": out["lengths"],
+                 "rewards": np.linspace(0, 1, B * G).astype(np.float32)}
+        if mesh is not None:
+            batch = sharding.place_batch(jax.device_get(batch), mesh)
+        rl_state = learner.init_state(jax.tree.map(jnp.copy, p), tx, jax.random.key(2))
+        rl_state, rl_m = learner.make_rl_step(cfg, mcfg, tx, mesh)(rl_state, p, batch)
+        sft_batch = jax.device_get((batch["prompts"], batch["prompt_lens"], batch["completions"][::G],
+                                    batch["lengths"][::G]))
+        if mesh is not None:
+            sft_batch = sharding.place_batch(sft_batch, mesh)
+        sft_state, sft_m = learner.make_sft_step(mcfg, tx, mesh)(learner.init_state(jax.tree.map(jnp.copy, p), tx),
+                                                                 *sft_batch)
+        if mesh is not None:  # the steps' outputs carry exactly the declared shardings
+            want = learner.state_shardings(mcfg, tx, mesh)
+            jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding.is_equivalent_to(s, x.ndim), True),
+                         rl_state, want)
+        return jax.device_get((out["tokens"], value, grads, rl_m["loss"], rl_state["params"], sft_m["sft_loss"],
+                               sft_state["params"]))
 
     single = run(jax.device_put(params, jax.devices()[0]))
     mesh = sharding.make_mesh(ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
     shardings = sharding.logical_to_sharding(model.logical_axes(mcfg), mesh)
     sharded_params = jax.device_put(params, shardings)
     assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(sharded_params))
-    multi = run(sharded_params)
+    with jax.set_mesh(mesh):  # as the trainer runs: the model pins its activations' rows to the mesh
+        multi = run(sharded_params, mesh)
     np.testing.assert_array_equal(multi[0], single[0])
-    np.testing.assert_allclose(multi[1], single[1], rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), multi[2], single[2])
+    for got, want in zip(multi[1:], single[1:]):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
 @pytest.mark.parametrize("mesh_shape,memory_saving", [((8, 1, 1), False), ((2, 4, 1), False), ((2, 2, 2), False),
-                                                       ((2, 2, 2), True)])
+                                                       ((2, 1, 4), False), ((2, 2, 2), True)])
 def test_sharded_equals_single_device(mesh_shape, memory_saving):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
     code = f"import tests.test_sharding as t; t.check({mesh_shape!r}, {memory_saving!r}); print('OK')"

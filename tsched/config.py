@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     # KV cache values while sampling: auto = model.dtype; bfloat16 in a float32 run halves the cache the
     # decode reads (sampler/learner log-prob gap measured in the README).
     c.rl.cache_dtype = "auto"
+    # Prompts the sampler takes per pass (with their group_size samples each), 0 = a step's all at once: one
+    # pass's KV caches must fit beside the train state (tsched.plan prints the sampler's memory per chip).
+    c.rl.prompts_per_pass = 0
     c.rl.lr = 1e-4
     c.rl.warmup_steps = 0  # optimizer steps over which the RL rate rises linearly from 0 to rl.lr; 0 = constant
     c.rl.max_grad_norm = 1.0
@@ -351,7 +354,7 @@ _RANGES = {
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
     "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (300 from scratch, 0 with model.init_from)"),
     **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
-                                  "rl.warmup_steps", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
+                                  "rl.warmup_steps", "rl.prompts_per_pass", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
                                   "rl.credit.kl_cov_beta", "train.checkpoint_every_s")},
@@ -438,6 +441,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                 f"config fields 'rl.schedule.min_ratio'/'rl.schedule.max_ratio' = {s.min_ratio}/{s.max_ratio}: "
                 f"with total_steps={s.total_steps} they give start step {s0} >= end step {s1}; "
                 f"the decay needs s1 > s0 (or rl.schedule.mode=constant)")
+    if rl.prompts_per_pass and rl.prompts_per_step % rl.prompts_per_pass:
+        _fail("rl.prompts_per_pass", rl.prompts_per_pass, f"must divide rl.prompts_per_step ({rl.prompts_per_step}); "
+                                                          f"0 = all at once")
     n = rl.prompts_per_step * rl.group_size
     if n % rl.mini_batches:
         _fail("rl.mini_batches", rl.mini_batches, f"must divide rl.prompts_per_step * rl.group_size = {n}")
@@ -454,9 +460,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     from tsched import sharding
 
     try:
-        sharding.mesh_shape(cfg.mesh, num_devices)
+        data, fsdp, _ = sharding.mesh_shape(cfg.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for field in ("rl.prompts_per_step", "sft.batch_size"):
+        if _get(cfg, field) % (data * fsdp):  # batches are split by rows over these two axes
+            _fail(field, _get(cfg, field), f"must be a multiple of mesh.data x mesh.fsdp ({data} x {fsdp})")
 
 
 def _validate_data(cfg) -> None:

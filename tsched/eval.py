@@ -44,7 +44,7 @@ def sampling_configs(cfg, tok) -> dict[str, SamplingConfig]:
     """{'greedy', 'sampled'} sampling settings of the configured evaluation."""
     stops = getattr(tok, "stop_ids", (tok.eos_id,))  # every end id of a checkpoint's tokenizer
     base = SamplingConfig(max_new_tokens=cfg.rl.max_new_tokens, eos_id=stops, pad_id=tok.pad_id,
-                          temperature=0.0, cache_dtype=cfg.rl.cache_dtype)
+                          temperature=0.0, cache_dtype=cfg.rl.cache_dtype, prompts_per_pass=cfg.rl.prompts_per_pass)
     return {"greedy": base,
             "sampled": dataclasses.replace(base, temperature=cfg.eval.temperature, top_p=cfg.rl.top_p,
                                            top_k=cfg.rl.top_k, num_samples=cfg.eval.samples)}

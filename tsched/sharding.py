@@ -7,6 +7,9 @@ device every axis has size 1 and all of this reduces to plain single-device jit.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 
 import jax
@@ -49,14 +52,79 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh):
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=RULES):
     """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+BATCH = ("data", "fsdp")  # the mesh axes the leading (row) axis of every batch array is split over
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis over ('data', 'fsdp'), the rest replicated (as a jit in/out sharding it is a
+    pytree prefix: it applies to arrays of any rank)."""
+    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the placed leaves of `tree` live on, or None (not on a mesh, or inside a trace)."""
+    placed = [x.sharding for x in jax.tree.leaves(tree) if not isinstance(x, jax.core.Tracer)]
+    return next((s.mesh for s in placed if isinstance(s, NamedSharding)), None)
+
+
+def constrain(x, mesh: Mesh | None, *spec):
+    """`x` pinned to PartitionSpec(*spec) on `mesh` inside a jitted function; unchanged without a mesh."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+# Decoding reads every weight once per token for a few rows: the sampler keeps its copy of the weights
+# tensor-parallel over ('fsdp', 'tensor') (no per-token all-gathers) and splits rows over 'data' only.
+DECODE_ROWS = ("data",)
+DECODE_RULES = tuple((name, None if name == "embed" else (("fsdp", "tensor") if axes else None))
+                     for name, axes in RULES if name != "batch")
+_row_axes = contextvars.ContextVar("row_axes", default=BATCH)
+
+
+@contextlib.contextmanager
+def decode_layout():
+    """While tracing the sampler: `pin_rows` splits rows over DECODE_ROWS."""
+    token = _row_axes.set(DECODE_ROWS)
+    try:
+        yield
+    finally:
+        _row_axes.reset(token)
+
+
+def traced_in(context):
+    """Decorator: a jitted function whose calls (and `.lower`, where it traces) run inside `context()`."""
+    def wrap(jitted):
+        @functools.wraps(jitted)
+        def call(*args, **kwargs):
+            with context():
+                return jitted(*args, **kwargs)
+
+        def lower(*args, **kwargs):
+            with context():
+                return jitted.lower(*args, **kwargs)
+
+        call.lower = lower
+        return call
+
+    return wrap
+
+
+def pin_rows(x):
+    """Inside a function traced under `jax.set_mesh(mesh)`: the residual stream x [rows, T, D] with its
+    rows split over the batch axes and, in full passes, its positions over 'tensor' (sequence
+    parallelism: the residuals that rematerialisation keeps per layer are split like everything else);
+    inside `decode_layout`, rows over DECODE_ROWS only. Left to propagation, GSPMD met weights split on
+    'embed' over 'fsdp' by replicating the batch instead of gathering the weights (each chip then held
+    every row's activations: 28 GiB instead of a few for Qwen3-4B on a v5e-8). No-op off a mesh."""
+    mesh, axes = jax.sharding.get_abstract_mesh(), _row_axes.get()
+    if mesh.empty or not set(axes) <= set(mesh.axis_names):
+        return x
+    positions = "tensor" if axes == BATCH and x.ndim == 3 else None
+    return jax.lax.with_sharding_constraint(x, P(axes, positions))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -69,9 +137,25 @@ def colocate(tree, like):
 
     Scalars made outside jit (a step counter, a key, optimizer counts) sit on one device, while a jitted
     step returns them on the mesh: left so, the step compiles twice, for its first call and the rest."""
-    placed = [x.sharding for x in jax.tree.leaves(like) if not isinstance(x, jax.core.Tracer)]
-    mesh = next((s.mesh for s in placed if isinstance(s, NamedSharding)), None)
+    mesh = mesh_of(like)
     if mesh is None:  # not on a mesh, or inside a trace (where jit places the outputs)
         return tree
     on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
     return jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated(mesh)), tree)
+
+
+def place_batch(tree, mesh: Mesh):
+    """Batch arrays -> global arrays with their rows split over the batch axes of `mesh`.
+
+    Host (numpy) arrays hold this process's rows: with one process all rows; with several (multi-host)
+    process i holds rows i * n .. (i + 1) * n - 1 and the global leading size is n x process count
+    (`jax.make_array_from_process_local_data`: no process ever holds another's rows). JAX arrays (e.g.
+    the sampler's tokens) are already global and are moved to the batch sharding."""
+    def put(x):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, batch_sharding(mesh, x.ndim))
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
+                                                      (x.shape[0] * jax.process_count(), *x.shape[1:]))
+
+    return jax.tree.map(put, tree)

@@ -215,3 +215,18 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_model_cf
         np.testing.assert_array_equal(capped["tokens"][i, :n], full["tokens"][i, :n])
         assert np.all(capped["tokens"][i, n:] == PAD) and np.all(capped["logp"][i, n:] == 0)
         np.testing.assert_allclose(capped["logp"][i, :n], full["logp"][i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_in_passes_gives_the_tokens_of_one_pass(tiny_model_cfg, tiny_params):
+    """`prompts_per_pass` bounds the KV caches live at once; row r draws row r's randomness in any pass, so
+    tokens (and per-row caps) are those of sampling the batch whole."""
+    prompts, lens = prompts_batch(tiny_model_cfg, [8, 3, 5, 1])
+    whole = SamplingConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=1.5, num_samples=3)
+    caps = jnp.asarray(np.arange(12) % 7 + 3, jnp.int32)
+    a = jax.device_get(sample(tiny_model_cfg, whole, tiny_params, prompts, lens, jax.random.key(5), caps))
+    b = jax.device_get(sample(tiny_model_cfg, dataclasses.replace(whole, prompts_per_pass=2), tiny_params, prompts,
+                              lens, jax.random.key(5), caps))
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["lengths"], b["lengths"])
+    np.testing.assert_allclose(a["logp"], b["logp"], rtol=1e-5, atol=1e-5)
+    assert len({tuple(r) for r in a["tokens"]}) == 12  # every row drew its own tokens

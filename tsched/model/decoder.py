@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsched.sharding import pin_rows
+
 Params = Any
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give a uniform softmax, never NaN
 COMPUTE_DTYPES = ("float32", "bfloat16")  # matmul input dtypes (`model.dtype`); accumulation is float32
@@ -364,6 +366,7 @@ class Block(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        x = pin_rows(x)
 
         # ---- attention
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x)
@@ -411,7 +414,7 @@ class Block(nn.Module):
         # rather than the [T, F] activation (see _einsum_bwd).
         x = x + mm("btf,df->btd", jax.nn.silu(gate) * up,
                    _param(self, "down", (D, F), ("embed", "mlp"), F, out_scale, draw_transposed=True), dt)
-        return x, cache
+        return pin_rows(x), cache
 
 
 def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:

@@ -15,7 +15,9 @@ shapes, each compiled once. Randomness is per row and step (`fold_in(fold_in(rng
 tokens do not depend on which rows share its batch: equal keys give equal outputs with or without
 compaction. The stacked layer weights are split per layer once per call (`unstack_layers`, one extra copy of
 the weights while sampling), so a decode step reads each layer's weights and cache where they are and
-updates the cache in place; the decode state is donated from chunk to chunk.
+updates the cache in place; the decode state is donated from chunk to chunk. On a mesh that copy is
+tensor-parallel whatever the training layout (`sharding.decode_layout`), so decoding never all-gathers
+weights, and the prompts go through in passes of `prompts_per_pass` to bound the caches.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsched import model as model_lib
+from tsched import sharding
 from tsched.model import ModelConfig
 from tsched.model.decoder import COMPUTE_DTYPES
 
@@ -53,6 +56,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     num_samples: int = 1  # G samples per prompt
     cache_dtype: str = "auto"  # KV cache values: auto (the compute dtype) or one of COMPUTE_DTYPES
+    # Prompts per pass of the sampler, 0 = all at once: the KV caches of one pass are what must fit (a 4B
+    # model at 4k new tokens: 4 prompts x 8 samples per pass on a v5e-8). Passes give the tokens of one pass.
+    prompts_per_pass: int = 0
 
     def __post_init__(self):
         ids = (int(self.eos_id),) if isinstance(self.eos_id, numbers.Integral) else tuple(int(i) for i in self.eos_id)
@@ -101,10 +107,36 @@ def _next_token(logits: jax.Array, keys: jax.Array, scfg: SamplingConfig):
     return tok, logp
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _prefill(cfg: ModelConfig, scfg: SamplingConfig, width: int, params, prompts, prompt_lens, caps):
+def _pin_cache(cache, mesh):
+    """Per-layer caches ({'k': [n, K, Dh, S], 'v': [n, K, S, Dh]}) split as the attention that reads them
+    (`sharding.decode_layout`): rows over 'data', KV heads over ('fsdp', 'tensor')."""
+    return tuple({k: sharding.constrain(c[k], mesh, sharding.DECODE_ROWS, ("fsdp", "tensor")) for k in c}
+                 for c in cache)
+
+
+def _pin_state(state, mesh):
+    """The decode state with its per-row arrays split by rows over 'data' and the caches by `_pin_cache`."""
+    rows = {k: sharding.constrain(v, mesh, sharding.DECODE_ROWS) for k, v in state.items() if k not in ("i", "cache")}
+    return {**state, **rows, "cache": _pin_cache(state["cache"], mesh)}
+
+
+def _decode_weights(cfg: ModelConfig, params, mesh):
+    """The per-layer weights the decode reads (`unstack_layers`), tensor-parallel (`sharding.DECODE_RULES`)."""
+    layers = model_lib.unstack_layers(params)
+    if mesh is None:
+        return layers
+    specs = model_lib.logical_axes(cfg)
+    specs = {**specs, "layers": tuple(jax.tree.map(lambda s: jax.sharding.PartitionSpec(*s[1:]), specs["layers"],
+                                                   is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+                                      for _ in layers["layers"])}
+    return jax.lax.with_sharding_constraint(layers, sharding.logical_to_sharding(specs, mesh, sharding.DECODE_RULES))
+
+
+@sharding.traced_in(sharding.decode_layout)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _prefill(cfg: ModelConfig, scfg: SamplingConfig, width: int, mesh, params, prompts, prompt_lens, caps):
     """The prompts' caches and the initial decode state of all N = B * G rows (own caches `width` slots
-    wide, the first window)."""
+    wide, the first window). `mesh` (static; None off a mesh) pins the caches and the state (`_pin_state`)."""
     B, P = prompts.shape
     G = scfg.num_samples
     pad_len = P - prompt_lens
@@ -112,26 +144,28 @@ def _prefill(cfg: ModelConfig, scfg: SamplingConfig, width: int, params, prompts
     valid = slots[None] >= pad_len[:, None]  # [B, P]
     mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]
     positions = jnp.maximum(slots[None] - pad_len[:, None], 0) * valid
-    layers = model_lib.unstack_layers(params)
+    layers = _decode_weights(cfg, params, mesh)
     value_dtype = None if scfg.cache_dtype == "auto" else scfg.cache_dtype
     logits, cache = model_lib.apply_unrolled(cfg, layers, prompts, positions, mask,
                                              model_lib.init_cache(cfg, B, P, value_dtype), 0)
     N, T = B * G, scfg.max_new_tokens
-    prompt = {"cache": cache, "valid": valid, "lens": prompt_lens}
+    prompt = {"cache": _pin_cache(cache, mesh), "valid": valid, "lens": prompt_lens}
     state = {"i": jnp.int32(0), "rows": jnp.arange(N, dtype=jnp.int32),
              "cache": model_lib.init_cache(cfg, N, width, value_dtype),
              "last": jnp.repeat(logits[:, -1], G, axis=0), "done": caps <= 0,
              "tokens": jnp.full((N, T), scfg.pad_id, jnp.int32), "logp": jnp.zeros((N, T), jnp.float32),
              "lengths": jnp.zeros(N, jnp.int32)}
-    return layers, prompt, state
+    return layers, prompt, _pin_state(state, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _decode(cfg: ModelConfig, scfg: SamplingConfig, layers, prompt, state, caps, rng, stop):
+@sharding.traced_in(sharding.decode_layout)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+def _decode(cfg: ModelConfig, scfg: SamplingConfig, mesh, layers, prompt, state, caps, rng, first_row, stop):
     """Decode steps state['i'] .. stop - 1 (fewer if every row stops) for the rows of the state's bucket.
 
     Bucket state (n rows): rows [n] (their ids), cache (own, per layer), last [n, V] (next-token logits),
-    done [n]; for all N rows: tokens, logp [N, T], lengths [N] (scattered to by row id).
+    done [n]; for all N rows: tokens, logp [N, T], lengths [N] (scattered to by row id). Row r draws its
+    randomness from `first_row + r` (see `sample`).
     """
     N = state["tokens"].shape[0]
     G = scfg.num_samples
@@ -141,7 +175,7 @@ def _decode(cfg: ModelConfig, scfg: SamplingConfig, layers, prompt, state, caps,
 
     def body(st):
         i, rows, done = st["i"], st["rows"], st["done"]
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, r), i))(rows)
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, first_row + r), i))(rows)
         tok, logp = _next_token(st["last"], keys, scfg)
         tok = jnp.where(done, scfg.pad_id, tok).astype(jnp.int32)
         logp = jnp.where(done, 0.0, logp)
@@ -156,19 +190,20 @@ def _decode(cfg: ModelConfig, scfg: SamplingConfig, layers, prompt, state, caps,
                 "tokens": st["tokens"].at[rows, i].set(tok), "logp": st["logp"].at[rows, i].set(logp),
                 "lengths": lengths}
 
-    return jax.lax.while_loop(lambda st: (st["i"] < stop) & ~jnp.all(st["done"]), body, state)
+    return jax.lax.while_loop(lambda st: (st["i"] < stop) & ~jnp.all(st["done"]), body, _pin_state(state, mesh))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _resize(n: int, width: int, state):
+@sharding.traced_in(sharding.decode_layout)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _resize(n: int, width: int, mesh, state):
     """The bucket state with its running rows first (in row order), cut to n rows, own caches widened
     to `width` slots."""
     keep = jnp.argsort(state["done"], stable=True)[:n]
     take = lambda x: x[keep] if n < x.shape[0] else x
     widen = lambda c, axis: jnp.pad(take(c), [(0, width - c.shape[axis]) if a == axis else (0, 0) for a in range(4)])
     cache = tuple({"k": widen(c["k"], 3), "v": widen(c["v"], 2)} for c in state["cache"])
-    return {**state, "rows": take(state["rows"]), "cache": cache, "last": take(state["last"]),
-            "done": take(state["done"])}
+    return _pin_state({**state, "rows": take(state["rows"]), "cache": cache, "last": take(state["last"]),
+                       "done": take(state["done"])}, mesh)
 
 
 def _windows(T: int) -> list[int]:
@@ -192,24 +227,44 @@ def sample(cfg: ModelConfig, scfg: SamplingConfig, params, prompts: jax.Array, p
     the stop id), logp [N, T] (log-prob of each sampled token at the sampling temperature before top-k /
     top-p filtering, as the learner computes it; 0 on padding): the RL step's `logp_mismatch` compares
     them; and row_steps (int): the rows decoded summed over steps, what the decode cost follows.
+
+    The prompts go through in passes of `scfg.prompts_per_pass`; row r of the batch draws its randomness
+    as row r whatever pass it is in, so the tokens do not depend on the pass size. With `params` on a mesh
+    the decode runs in `sharding.decode_layout`: weights and KV caches split by heads over ('fsdp',
+    'tensor') (keep the KV heads a multiple of that product, or the caches are replicated), rows over 'data'.
     """
-    B, _ = prompts.shape
-    N, T = B * scfg.num_samples, scfg.max_new_tokens
-    caps = jnp.full((N,), T, jnp.int32) if max_new_per_row is None else jnp.asarray(max_new_per_row, jnp.int32)
+    B, G = prompts.shape[0], scfg.num_samples
+    step = scfg.prompts_per_pass or B
+    caps = jnp.full((B * G,), scfg.max_new_tokens, jnp.int32) if max_new_per_row is None else jnp.asarray(
+        max_new_per_row, jnp.int32)
+    outs = [_sample_pass(cfg, scfg, params, prompts[s:s + step], prompt_lens[s:s + step], rng,
+                         caps[s * G:(s + step) * G], s * G) for s in range(0, B, step)]
+    if len(outs) == 1:
+        return outs[0]
+    cat = lambda k: jnp.concatenate([o[k] for o in outs])
+    return {"tokens": cat("tokens"), "lengths": cat("lengths"), "logp": cat("logp"),
+            "row_steps": sum(o["row_steps"] for o in outs)}
+
+
+def _sample_pass(cfg: ModelConfig, scfg: SamplingConfig, params, prompts, prompt_lens, rng, caps, first_row: int):
+    """One pass of `sample` over prompts [b, P]; caps [b * G]; its rows draw randomness as first_row + r."""
+    N, T = caps.shape[0], scfg.max_new_tokens
     windows = _windows(T)
-    layers, prompt, state = _prefill(cfg, scfg, windows[0], params, prompts, prompt_lens, caps)
+    mesh = sharding.mesh_of(params)
+    layers, prompt, state = _prefill(cfg, scfg, windows[0], mesh, params, prompts, prompt_lens, caps)
     i, n, row_steps, running = 0, N, 0, N
     for width in windows:
         if not running:
             break
         if state["cache"][0]["v"].shape[2] < width:
-            state = _resize(n, width, state)
+            state = _resize(n, width, mesh, state)
         while running and i < width:
-            state = _decode(cfg, scfg, layers, prompt, state, caps, rng, jnp.int32(min(i + DECODE_CHUNK, width)))
+            state = _decode(cfg, scfg, mesh, layers, prompt, state, caps, rng, jnp.int32(first_row),
+                            jnp.int32(min(i + DECODE_CHUNK, width)))
             done, step = jax.device_get((state["done"], state["i"]))
             row_steps += n * (int(step) - i)
             i, running = int(step), int(np.sum(~done))
             if running and _bucket(running, n) < n:
                 n = _bucket(running, n)
-                state = _resize(n, state["cache"][0]["v"].shape[2], state)
+                state = _resize(n, state["cache"][0]["v"].shape[2], mesh, state)
     return {"tokens": state["tokens"], "lengths": state["lengths"], "logp": state["logp"], "row_steps": row_steps}

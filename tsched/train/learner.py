@@ -49,6 +49,30 @@ def init_state(params, tx, rng=None) -> dict:
     return sharding.colocate(state, params)
 
 
+def state_shardings(model_cfg, tx, mesh, with_rng: bool = True) -> dict:
+    """Shardings of `init_state`'s pytree on `mesh`: parameters by their logical axes (tsched.sharding),
+    Adam's moments like the parameters they belong to, counters and the key replicated."""
+    param_sh = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
+    params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, jax.random.key(0) if with_rng else None), params)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, sh: sh, abstract["opt_state"], param_sh, transform_non_params=lambda _: rep)
+    return {**jax.tree.map(lambda _: rep, abstract), "params": param_sh, "opt_state": opt}
+
+
+def _jit_step(fn, model_cfg, tx, mesh, args, with_rng: bool):
+    """`fn(state, *args)` jitted with its state donated and, on a mesh, explicit shardings: the state's
+    (`state_shardings`) in and out, batch arrays split by rows (`args` names each further argument:
+    'batch', 'params' or None for an absent one), metrics replicated. Arguments placed otherwise are an
+    error, not a silent reshard."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    st = state_shardings(model_cfg, tx, mesh, with_rng)
+    kinds = {"batch": sharding.batch_sharding(mesh), "params": st["params"], None: None}
+    return jax.jit(fn, donate_argnums=0, in_shardings=(st, *(kinds[a] for a in args)),
+                   out_shardings=(st, sharding.replicated(mesh)))
+
+
 def step_keys(rng_data, step):
     """(sampling key, loss key) of a step: both functions of the state's RNG and the step counter, so a
     resumed run draws the same numbers."""
@@ -96,10 +120,10 @@ def skip_if_not_finite(state, new_state, metrics):
     return guarded, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
 
 
-def make_sft_step(model_cfg, tx):
-    """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens)."""
+def make_sft_step(model_cfg, tx, mesh=None):
+    """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens).
+    With `mesh`: explicit shardings (`_jit_step`) of a state without a key (`init_state(params, tx)`)."""
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def sft_step(state, prompts, prompt_lens, targets, target_lens):
         tokens, valid, mask = join(prompts, prompt_lens, targets, target_lens)
 
@@ -111,7 +135,7 @@ def make_sft_step(model_cfg, tx):
         metrics = {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
         return skip_if_not_finite(state, _apply(tx, state, grads), metrics)
 
-    return sft_step
+    return _jit_step(sft_step, model_cfg, tx, mesh, ("batch",) * 4, with_rng=False)
 
 
 def micro_split(x, M: int):
@@ -224,7 +248,7 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, ke
     return num / den, jax.tree.map(lambda g: g / den, grads), sums
 
 
-def make_rl_step(cfg, model_cfg, tx):
+def make_rl_step(cfg, model_cfg, tx, mesh=None):
     """The jitted RL update `(state, ref_params, batch) -> (new state, metrics)`.
 
     batch: {'prompts' [B, P], 'prompt_lens' [B], 'completions' [N, T], 'lengths' [N], 'rewards' [N]}
@@ -239,11 +263,13 @@ def make_rl_step(cfg, model_cfg, tx):
     old policy of every later update: ratios, clipping and entropy criteria read them), and each epoch
     visits the rows in a fresh order drawn from the step's loss key. The schedule's step counts rollout
     batches (the paper's training step), not optimizer steps; the metrics average over the updates.
+
+    With `mesh`: explicit in/out shardings (`_jit_step`); `ref_params` must then be given exactly when
+    the config uses it (`needs_reference`) and the state must carry a key.
     """
     rl = cfg.rl
     E, MB = rl.epochs, rl.mini_batches
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def rl_step(state, ref_params, batch):
         prompts, lengths, rewards = batch["prompts"], batch["lengths"], batch["rewards"]
         P = prompts.shape[1]
@@ -280,7 +306,13 @@ def make_rl_step(cfg, model_cfg, tx):
         })
         return skip_if_not_finite(state, new_state, metrics)
 
-    return rl_step
+    return _jit_step(rl_step, model_cfg, tx, mesh, ("params" if needs_reference(cfg) else None, "batch"),
+                     with_rng=True)
+
+
+def needs_reference(cfg) -> bool:
+    """Whether the RL update reads the initial policy (KL penalty or the KL-by-percentile metric)."""
+    return cfg.rl.kl_coef > 0 or cfg.train.kl_metrics
 
 
 def _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key):

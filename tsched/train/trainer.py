@@ -135,7 +135,8 @@ class _Signals:
 
 # Fields that may differ between a run_dir's config.json and the config resuming it: where things are,
 # how often to log and checkpoint, the mesh, the verifier pool's size. Everything else changes the result.
-_RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size")
+_RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size",
+                "rl.prompts_per_pass")
 
 
 def _checkpoint_dirs(run_dir) -> dict:
@@ -238,11 +239,13 @@ def run(cfg) -> str:
     """
     t_start = time.time()
     validate(cfg)
-    with _Signals() as signals:
-        return _run(cfg, t_start, signals)
+    mesh = sharding.make_mesh(cfg.mesh)
+    # Under the mesh, the jitted steps trace with the model's activations pinned to it (sharding.pin_rows).
+    with _Signals() as signals, jax.set_mesh(mesh):
+        return _run(cfg, t_start, signals, mesh)
 
 
-def _run(cfg, t_start, signals) -> str:
+def _run(cfg, t_start, signals, mesh) -> str:
     _event("start")
 
     # ---- Data and tokenizer (cached outside the run directory, see config.data_dir)
@@ -266,7 +269,6 @@ def _run(cfg, t_start, signals) -> str:
                  for name, src in splits["eval_sets"].items()}
 
     # ---- Model (fresh, or the checkpoint of model.init_from), sharded over the mesh
-    mesh = sharding.make_mesh(cfg.mesh)
     key = jax.random.key(cfg.seed)
     if cfg.model.init_from:
         model_cfg, hf_params = model_lib.pretrained(cfg.model)
@@ -377,7 +379,8 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
         warm.close()
         print(f"SFT warm start: step {steps} of {cfg.sft.warm_start}")
         return state["params"], True
-    step_fn = learner.make_sft_step(model_cfg, tx)
+    mesh = sharding.mesh_of(params)
+    step_fn = learner.make_sft_step(model_cfg, tx, mesh)
     encode = pipeline.encoder(cfg, tok, solutions=True)
     it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
     saver = _Saver(cfg, "sft", steps, ckpt, signals)
@@ -396,7 +399,8 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
     signals.deferred = True
     while step <= steps:
         b = next(it)
-        state, m = step_fn(state, b["prompt"], b["prompt_len"], b["target"], b["target_len"])
+        state, m = step_fn(state, *sharding.place_batch((b["prompt"], b["prompt_len"], b["target"], b["target_len"]),
+                                                        mesh))
         saver.count(float(m["skipped"]))  # one scalar per step: max_bad_steps counts every step, not logged ones
         if step % cfg.train.log_every == 0 or step == steps:
             m = {**jax.device_get(m), "skipped_steps": saver.skipped_steps}
@@ -425,13 +429,13 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
     encode = pipeline.encoder(cfg, tok, solutions=True)
     scfg = SamplingConfig(max_new_tokens=rl.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
                           temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, num_samples=rl.group_size,
-                          cache_dtype=rl.cache_dtype)
+                          cache_dtype=rl.cache_dtype, prompts_per_pass=rl.prompts_per_pass)
     tx = learner.make_optimizer(rl.lr, rl.max_grad_norm, rl.warmup_steps)
-    need_ref = rl.kl_coef > 0 or cfg.train.kl_metrics
-    ref_params = params if need_ref else None
+    ref_params = params if learner.needs_reference(cfg) else None
     # The update donates its state, so the policy must not share buffers with the reference policy.
     state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.fold_in(key, 2))
-    rl_step = learner.make_rl_step(cfg, model_cfg, tx)
+    mesh = sharding.mesh_of(params)
+    rl_step = learner.make_rl_step(cfg, model_cfg, tx, mesh)
     it = iter(pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2))
     saver = _Saver(cfg, "rl", rl.steps, ckpt, signals)
     restored = ckpt.restore_latest(state) if resuming else None
@@ -450,7 +454,7 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         sample_key, _ = learner.step_keys(state["rng"], step)
         ro = rollout.generate(model_cfg, scfg, state["params"], next(it), sample_key, tok, pool, rl.prompt_transform, r)
         t0 = time.perf_counter()
-        state, m = rl_step(state, ref_params, ro.learner_batch())
+        state, m = rl_step(state, ref_params, sharding.place_batch(ro.learner_batch(), mesh))
         m = {**jax.device_get(m), **ro.metrics(), "update_s": time.perf_counter() - t0}
         saver.count(m["skipped"])
         last_eval = None
