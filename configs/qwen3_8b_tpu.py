@@ -24,4 +24,7 @@ def get_config():
     c.run_dir = "runs/qwen3_8b_tp"
     c.model.preset = "qwen3-8b"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 4
+    # The longest power-of-two budget that leaves >= 10% of HBM free (tsched.plan: 25% at 16k; doubling it
+    # does not fit). Prompts per step barely move the plan (only the batch arrays grow): 64, as for 4B.
+    c.rl.max_new_tokens = 16384
     return c

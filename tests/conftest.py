@@ -19,6 +19,9 @@ if ROOT not in sys.path:
 # The tests check what programs compute, not how fast: XLA's backend optimizations (LLVM -O0 instead of
 # -O2) are off unless asked for (JAX_DISABLE_MOST_OPTIMIZATIONS=0), which cuts compile time by about a third.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The test requirements install libtpu (tsched.plan compiles for TPU slices ahead of time); without this,
+# JAX would probe for a TPU at every start and print libtpu's warnings about the missing TPU environment.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="tsched-test-xla-cache-")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)

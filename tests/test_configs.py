@@ -79,3 +79,13 @@ def test_every_method_takes_a_finite_update(method, tiny_model_cfg, tiny_params)
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(state["params"]),
                                                                        jax.tree.leaves(tiny_params))]
     assert max(moved) > 0
+
+
+@pytest.mark.parametrize("name,chips", [("qwen3_4b_tpu", 8), ("qwen3_8b_tpu", 4)])
+def test_tpu_configs_are_valid_for_their_slice(name, chips):
+    """The TPU configs (planned in the README with tsched.plan) pass validation on their chip count."""
+    from tsched.config import validate
+
+    cfg = load(name).get_config()
+    validate(cfg, num_devices=chips)
+    assert cfg.model.dtype == "bfloat16" and cfg.rl.prompts_per_step == 64 and cfg.rl.max_new_tokens >= 4096
