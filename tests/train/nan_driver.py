@@ -15,8 +15,8 @@ BAD = {int(s) for s in os.environ["TSCHED_TEST_NAN_STEPS"].split(",")}
 _make_rl_step = learner.make_rl_step
 
 
-def make_rl_step(cfg, model_cfg, tx):
-    step_fn = _make_rl_step(cfg, model_cfg, tx)
+def make_rl_step(cfg, model_cfg, tx, mesh=None):
+    step_fn = _make_rl_step(cfg, model_cfg, tx, mesh)
 
     def poisoned(state, ref_params, batch):
         if int(state["step"]) + 1 in BAD:
