@@ -117,9 +117,9 @@ def pin_rows(x):
     """Inside a function traced under `jax.set_mesh(mesh)`: the residual stream x [rows, T, D] with its
     rows split over the batch axes and, in full passes, its positions over 'tensor' (sequence
     parallelism: the residuals that rematerialisation keeps per layer are split like everything else);
-    inside `decode_layout`, rows over DECODE_ROWS only. Left to propagation, GSPMD met weights split on
-    'embed' over 'fsdp' by replicating the batch instead of gathering the weights (each chip then held
-    every row's activations: 28 GiB instead of a few for Qwen3-4B on a v5e-8). No-op off a mesh."""
+    inside `decode_layout`, rows over DECODE_ROWS only. Left to propagation, the update's temporaries for
+    Qwen3-4B on 8 TPU chips grew with the rows of a whole micro-batch (about 2.9 GiB per row, 28 GiB at 8
+    rows), as if every chip held every row; pinned, 11 GiB (tsched.plan). No-op off a mesh."""
     mesh, axes = jax.sharding.get_abstract_mesh(), _row_axes.get()
     if mesh.empty or not set(axes) <= set(mesh.axis_names):
         return x
