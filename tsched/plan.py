@@ -84,9 +84,7 @@ def _abstract(tree, shardings):
 
 
 def tpu_devices(topology: str):
-    """The devices of a TPU slice compiled for through libtpu, or None when libtpu is not installed."""
-    if importlib.util.find_spec("libtpu") is None:
-        return None
+    """The devices of a TPU slice compiled for through libtpu (which must be installed)."""
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
