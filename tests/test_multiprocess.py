@@ -30,7 +30,7 @@ def worker(num_processes: int, process_id: int, port: int, out: str) -> None:
     from jax.experimental import multihost_utils
     from ml_collections import ConfigDict
 
-    from tsched import model, sharding
+    from tsched import model, multihost, sharding
     from tsched.config import base_config
     from tsched.train import learner
 
@@ -63,6 +63,11 @@ def worker(num_processes: int, process_id: int, port: int, out: str) -> None:
             rl_state, m = rl_step(rl_state, None, placed)
             sft_state, s = sft_step(sft_state, *sft_batch)
             losses.append([float(m["loss"]), float(m["grad_norm"]), float(s["sft_loss"])])
+    # Placing each process's rows gives the global batch whether the batch axes span the processes (mesh)
+    # or the rows are replicated over them (a tensor-parallel mesh: all-gathered first)
+    for m in (mesh, sharding.make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": 8}))):
+        got = multihost.fetch(sharding.place_batch(local, m))
+        assert all(np.array_equal(got[k], batch[k]) for k in batch), dict(m.shape)
     params = multihost_utils.process_allgather({"rl": rl_state["params"], "sft": sft_state["params"]}, tiled=True)
     if process_id == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}

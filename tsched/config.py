@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import ml_collections
 
@@ -98,6 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Multi-host (tsched.multihost): one process per host over one mesh of every host's devices. 0 / -1 /
+    # "" detect a Cloud TPU VM (JAX reads the slice from its metadata) and are one process elsewhere; on
+    # other clusters give all three, e.g. --config.mesh.num_processes=2 --config.mesh.process_id=$RANK
+    # --config.mesh.coordinator=host0:8476.
+    c.mesh.num_processes = 0
+    c.mesh.process_id = -1
+    c.mesh.coordinator = ""
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = -1  # -1 = auto: 300 from scratch, 0 (no toy warm start) with model.init_from; see sft_steps
@@ -389,7 +397,7 @@ def resume_mode(cfg) -> str:
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises `ConfigError` for the first invalid field. Reads nothing but the config and the registries
-    (and the device count for the mesh, `jax.device_count()` unless given); writes nothing."""
+    (and the device and process counts for the mesh, from JAX unless `num_devices` is given); writes nothing."""
     resume_mode(cfg)
     for field, names in _registries().items():
         value = _get(cfg, field)
@@ -453,10 +461,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if 2 ** (rl.length_buckets - 1) > rl.max_new_tokens:
         _fail("rl.length_buckets", rl.length_buckets, f"must be <= 1 + log2(rl.max_new_tokens = "
                                                       f"{rl.max_new_tokens}): the shortest bucket holds >= 1 token")
-    if num_devices is None:
+    validate_processes(cfg.mesh)
+    processes = 1
+    if num_devices is None:  # the devices of every process (tsched.multihost.initialize ran before)
         import jax
 
-        num_devices = jax.device_count()
+        num_devices, processes = jax.device_count(), jax.process_count()
     from tsched import sharding
 
     try:
@@ -466,6 +476,25 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     for field in ("rl.prompts_per_step", "sft.batch_size"):
         if _get(cfg, field) % (data * fsdp):  # batches are split by rows over these two axes
             _fail(field, _get(cfg, field), f"must be a multiple of mesh.data x mesh.fsdp ({data} x {fsdp})")
+    for field in ("rl.prompts_per_step", "sft.batch_size", "eval.batch_size"):
+        if _get(cfg, field) % processes:  # each process reads (and scores) its share of the rows
+            _fail(field, _get(cfg, field), f"must be a multiple of the {processes} processes")
+
+
+def validate_processes(mesh) -> None:
+    """The multi-host fields `mesh.num_processes` / `process_id` / `coordinator` (needed before JAX starts,
+    see tsched.multihost.initialize)."""
+    n, pid, where = mesh.get("num_processes", 0), mesh.get("process_id", -1), mesh.get("coordinator", "")
+    for field, value, low, what in (("mesh.num_processes", n, 0, "must be >= 1, or 0 to detect"),
+                                    ("mesh.process_id", pid, -1, "must be >= 0, or -1 to detect")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            _fail(field, value, what)
+    if n > 1 and not 0 <= pid < n:
+        _fail("mesh.process_id", pid, f"must be in [0, {n}) with mesh.num_processes = {n}")
+    if n > 1 and not re.fullmatch(r"[^\s:]+:\d+", where):
+        _fail("mesh.coordinator", where, f"must be host:port (process 0's address) with mesh.num_processes = {n}")
+    if n == 1 and pid > 0:
+        _fail("mesh.process_id", pid, "must be 0 or -1 with mesh.num_processes = 1")
 
 
 def _validate_data(cfg) -> None:

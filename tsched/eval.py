@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from tsched import rollout
+from tsched import multihost, rollout
 from tsched.sampling.sampler import SamplingConfig
 
 
@@ -57,12 +57,12 @@ def evaluate(model_cfg, scfg: SamplingConfig, params, batches, tok, pool, key, p
     correct, families, lengths, truncated = [], [], [], []
     k = scfg.num_samples
     stops = np.asarray(scfg.stop_ids or (-1,))
-    for i, b in enumerate(batches):
-        ro = rollout.generate(model_cfg, scfg, params, b, jax.random.fold_in(key, i), tok, pool)
+    for i, b in enumerate(batches):  # every process holds every batch, and samples and scores its block of it
+        ro = rollout.generate(model_cfg, scfg, params, multihost.own_rows(b), jax.random.fold_in(key, i), tok, pool)
         valid = rollout.repeat(b["valid"], k)  # padding rows of the last batch never count
-        correct += list(ro.rewards[valid] == 1.0)
+        correct += list(multihost.all_rows(ro.rewards)[valid] == 1.0)
         families += list(rollout.repeat(b["family"], k)[valid])
-        n_tok, toks = np.asarray(ro.lengths)[valid], np.asarray(ro.tokens)[valid]
+        n_tok, toks = (x[valid] for x in multihost.fetch((ro.lengths, ro.tokens)))
         last = toks[np.arange(len(toks)), np.maximum(n_tok - 1, 0)]
         lengths += list(n_tok)
         truncated += list((n_tok == scfg.max_new_tokens) & ~np.isin(last, stops))
@@ -137,11 +137,11 @@ def load_policy(cfg, checkpoint: str):
     """(ModelConfig, params, tokenizer, description) of a run directory's latest RL (else SFT)
     checkpoint, or of a Hugging Face directory (config.json inside; `cfg.model.init_from` is set to it)."""
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
 
     from tsched import config as config_lib
     from tsched import model as model_lib
     from tsched.data import pipeline, tokenizer as tok_lib
+    from tsched.train.checkpoint import restore_on_one_device
 
     if os.path.isfile(os.path.join(checkpoint, "config.json")) and not os.path.isdir(os.path.join(checkpoint, "ckpt")):
         cfg.model.init_from = checkpoint
@@ -160,8 +160,8 @@ def load_policy(cfg, checkpoint: str):
         d = os.path.join(checkpoint, "ckpt", phase)
         steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
         if steps:
-            tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(d, str(steps[-1]), "state")))
-            params = tree["params"] if phase == "rl" else tree
+            tree = restore_on_one_device(os.path.abspath(os.path.join(d, str(steps[-1]), "state")))
+            params = tree["params"]  # the train state of either phase
             if cfg.model.init_from:
                 model_cfg, _ = model_lib.pretrained(cfg.model, weights=False)
             else:

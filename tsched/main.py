@@ -47,9 +47,11 @@ def main(argv):
     if len(argv) > 1:
         config_error(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from tsched import multihost
     from tsched.config import ConfigError, validate  # before the heavy imports of the trainer
 
     try:
+        multihost.initialize(_CONFIG.value.mesh)  # multi-host: before JAX is asked for its devices
         validate(_CONFIG.value)
         from tsched.train import trainer
 

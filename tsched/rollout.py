@@ -8,6 +8,10 @@ round(r L) tokens of a verified reference solution become context, and the polic
 Transforms are registered by name (`rl.prompt_transform`) and work on host numpy batches.
 
 Rows: prompt b owns sampled rows b*G .. b*G+G-1; every per-prompt field is repeated G times here, once.
+
+Several processes (tsched.multihost): each passes its own prompt rows; they are sampled as one batch
+(every process's prompts, in process order), and each process decodes and scores the rows of its own
+prompts in its own verifier pool. The sampler's outputs stay global arrays; the metrics cover all rows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tsched import multihost, sharding
 from tsched.registry import make_registry
 from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.verify.pool import STATUSES
@@ -59,28 +64,30 @@ def reference_prefix(batch: dict, r: float, pad_id: int, eos_id: int) -> dict:
 class Rollout:
     """What one batch of prompts produced. N = B * G rows."""
 
-    prompts: Any  # [B, P'] left-padded prompts as sampled (after the transform)
-    prompt_lens: Any  # [B]
-    tokens: Any  # [N, T] sampled completions, EOS included, padding after
-    lengths: Any  # [N]
-    logp: Any  # [N, T] the sampler's log-prob of each sampled token at its temperature
-    texts: list  # [N] the judged responses: prefix (if any) + completion, decoded
-    rewards: np.ndarray  # [N] float32
-    verdicts: list  # [N] tsched.verify.pool.Verdict
+    prompts: Any  # [B, P'] left-padded prompts as sampled (after the transform); this process's
+    prompt_lens: Any  # [B]; this process's
+    tokens: Any  # [N, T] sampled completions, EOS included, padding after; all processes' rows
+    lengths: Any  # [N]; all processes' rows
+    logp: Any  # [N, T] the sampler's log-prob of each sampled token at its temperature; all processes' rows
+    texts: list  # [N] the judged responses: prefix (if any) + completion, decoded; this process's
+    rewards: np.ndarray  # [N] float32; this process's
+    verdicts: list  # [N] tsched.verify.pool.Verdict; this process's
     sample_s: float
     verify_s: float
 
     def learner_batch(self) -> dict:
-        """The arrays the jitted RL update takes (tsched.train.learner.make_rl_step)."""
+        """The arrays the jitted RL update takes (tsched.train.learner.make_rl_step): host arrays of this
+        process's rows and global arrays, as `sharding.place_batch` takes them."""
         return {"prompts": self.prompts, "prompt_lens": self.prompt_lens, "completions": self.tokens,
                 "lengths": self.lengths, "rewards": self.rewards, "sample_logp": self.logp}
 
     def metrics(self) -> dict:
-        """Reward, verdict shares, verifier latency, and sampling throughput."""
-        lat = np.array([v.latency_s for v in self.verdicts])
-        out = {f"verify_{s}": float(np.mean([v.status == s for v in self.verdicts])) for s in STATUSES}
-        n_tokens = float(np.sum(np.asarray(self.lengths)))
-        out.update(accuracy=float(np.mean(self.rewards == 1.0)), sample_s=self.sample_s, verify_s=self.verify_s,
+        """Reward, verdict shares, verifier latency, and sampling throughput, over every process's rows."""
+        rewards, status, lat = multihost.all_rows((self.rewards, np.array([STATUSES.index(v.status) for v in self.verdicts]),
+                                                   np.array([v.latency_s for v in self.verdicts])))
+        out = {f"verify_{s}": float(np.mean(status == i)) for i, s in enumerate(STATUSES)}
+        n_tokens = float(np.sum(multihost.fetch(self.lengths)))
+        out.update(accuracy=float(np.mean(rewards == 1.0)), sample_s=self.sample_s, verify_s=self.verify_s,
                    sample_tokens_per_s=n_tokens / max(self.sample_s, 1e-9),
                    verify_latency_p50_s=float(np.percentile(lat, 50)),
                    verify_latency_p99_s=float(np.percentile(lat, 99)))
@@ -104,11 +111,15 @@ def generate(model_cfg, scfg: SamplingConfig, params, batch: dict, key, tok, poo
     """
     G = scfg.num_samples
     batch = PROMPT_TRANSFORMS[transform](batch, r, tok.pad_id, tok.eos_id)
+    prompts, prompt_lens, caps = batch["prompt"], batch["prompt_len"], max_new_per_row
+    if jax.process_count() > 1:  # one batch of every process's prompts (small host arrays), on every device
+        whole = sharding.replicated(sharding.mesh_of(params))
+        prompts, prompt_lens, caps = (None if x is None else sharding.place_whole(multihost.all_rows(np.asarray(x)), whole)
+                                      for x in (prompts, prompt_lens, caps))
     t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(model_cfg, scfg, params, batch["prompt"], batch["prompt_len"], key,
-                                       max_new_per_row=max_new_per_row))
+    out = jax.block_until_ready(sample(model_cfg, scfg, params, prompts, prompt_lens, key, max_new_per_row=caps))
     t1 = time.perf_counter()
-    tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+    tokens, lengths = multihost.own_rows(multihost.fetch((out["tokens"], out["lengths"])))
     rows = [list(tokens[i, : lengths[i]]) for i in range(len(tokens))]
     if "prefix" in batch:
         prefix, prefix_len = repeat(batch["prefix"], G), repeat(batch["prefix_len"], G)

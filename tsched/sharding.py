@@ -17,6 +17,8 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from tsched import multihost
+
 AXES = ("data", "fsdp", "tensor")
 RULES = (
     ("batch", ("data", "fsdp")),
@@ -148,14 +150,37 @@ def place_batch(tree, mesh: Mesh):
     """Batch arrays -> global arrays with their rows split over the batch axes of `mesh`.
 
     Host (numpy) arrays hold this process's rows: with one process all rows; with several (multi-host)
-    process i holds rows i * n .. (i + 1) * n - 1 and the global leading size is n x process count
-    (`jax.make_array_from_process_local_data`: no process ever holds another's rows). JAX arrays (e.g.
-    the sampler's tokens) are already global and are moved to the batch sharding."""
+    process i holds rows i * n .. (i + 1) * n - 1 and the global leading size is n x process count.
+    Where the mesh gives every process exactly the rows it holds (the batch axes span the processes, as
+    `make_mesh` orders devices), `jax.make_array_from_process_local_data` places them and no process
+    sees another's rows; otherwise (e.g. rows replicated over a tensor-parallel mesh) the processes'
+    rows are all-gathered first. JAX arrays (e.g. the sampler's tokens) are already global and are moved
+    to the batch sharding."""
     def put(x):
         if isinstance(x, jax.Array):
             return jax.device_put(x, batch_sharding(mesh, x.ndim))
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
-                                                      (x.shape[0] * jax.process_count(), *x.shape[1:]))
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        if _rows_follow_processes(sharding, shape):
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+        return place_whole(multihost.all_rows(x), sharding)
 
     return jax.tree.map(put, tree)
+
+
+def _rows_follow_processes(sharding: NamedSharding, shape) -> bool:
+    """Whether every device's rows lie in its process's block of rows (the same answer in every process:
+    it reads the global device map, so all processes take the same branch of `place_batch`)."""
+    per = shape[0] // jax.process_count()
+    return all(d.process_index * per <= start and stop <= (d.process_index + 1) * per
+               for d, index in sharding.devices_indices_map(shape).items()
+               for start, stop, _ in [index[0].indices(shape[0])])
+
+
+def place_whole(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array every process holds whole -> a global array (each process places its devices' parts)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

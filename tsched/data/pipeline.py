@@ -198,10 +198,18 @@ def corpus(source, render=lambda problem: problem) -> list[str]:
     return out
 
 
-def train_batches(source, encode: Encode, batch_size: int, seed: int) -> grain.IterDataset:
-    """Endless shuffled batches; each epoch reshuffled; iterator state is checkpointable."""
-    return (grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(encode)
-            .batch(batch_size, drop_remainder=True).to_iter_dataset())
+def train_batches(source, encode: Encode, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+    """Endless shuffled batches of `batch_size` rows; each epoch reshuffled; iterator state is checkpointable.
+
+    With several processes, process i reads (and encodes) only its block of each batch: rows
+    i * n .. (i + 1) * n - 1, n = batch_size / process_count. The blocks in process order are the batch
+    one process reads, so the data order does not depend on the process count, and every process's
+    iterator state is the same position (the step): one process's state restores them all."""
+    per = batch_size // process_count
+    blocks = (grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(encode)
+              .batch(per, drop_remainder=True))
+    return blocks[process_index::process_count].to_iter_dataset()
 
 
 def eval_batches(source, encode: Encode, num: int, batch_size: int) -> list[dict]:

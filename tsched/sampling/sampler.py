@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsched import model as model_lib
-from tsched import sharding
+from tsched import multihost, sharding
 from tsched.model import ModelConfig
 from tsched.model.decoder import COMPUTE_DTYPES
 
@@ -261,7 +261,7 @@ def _sample_pass(cfg: ModelConfig, scfg: SamplingConfig, params, prompts, prompt
         while running and i < width:
             state = _decode(cfg, scfg, mesh, layers, prompt, state, caps, rng, jnp.int32(first_row),
                             jnp.int32(min(i + DECODE_CHUNK, width)))
-            done, step = jax.device_get((state["done"], state["i"]))
+            done, step = multihost.fetch((state["done"], state["i"]))  # rows of every process
             row_steps += n * (int(step) - i)
             i, running = int(step), int(np.sum(~done))
             if running and _bucket(running, n) < n:

@@ -10,6 +10,9 @@ What survives what:
   plain step name; `complete_steps` also requires the metadata files of a finished save. A failed save
   raises `CheckpointError` naming the path; the previous checkpoints are untouched (Orbax deletes old
   steps only after a successful save).
+- Several processes (multi-host): every process saves and restores its shards of the global arrays; the
+  data item is written once (each process's iterator state is the same position, see
+  `tsched.data.pipeline.train_batches`).
 - A truncated or corrupt step: `restore_latest` reports it, moves it aside (to
   `<directory>.corrupt/<step>-<time>`, never deleted) and falls back to the step before it.
 """
@@ -23,6 +26,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from tsched import multihost
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +45,17 @@ def complete_steps(directory) -> list[int]:
         return []
     return sorted(int(p.name) for p in directory.iterdir()
                   if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / "state" / "_METADATA").is_file())
+
+
+def restore_on_one_device(path):
+    """The pytree saved at `path` (a step's item directory, e.g. `<run>/ckpt/rl/8/state`) on this process's
+    first device, whatever mesh and processes saved it (Orbax otherwise restores onto the saving
+    topology, and refuses another)."""
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), getattr(meta, "tree", meta))
+    return checkpointer.restore(path, target)
 
 
 class Checkpointer:
@@ -95,8 +111,10 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
                 bad = self.directory / str(step)
                 aside = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                bad.rename(aside)
+                if multihost.is_main():  # the other processes wait until it is gone
+                    aside.parent.mkdir(parents=True, exist_ok=True)
+                    bad.rename(aside)
+                multihost.barrier(f"checkpoint_{step}_aside")
                 print(f"tsched: checkpoint {bad} is unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); moved it to {aside} "
                       f"and trying the previous one", file=sys.stderr, flush=True)

@@ -25,13 +25,15 @@ class MetricsWriter:
     appended to per line.
     """
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, active: bool = True):
+        """active=False: write nothing (the processes of a multi-host run other than process 0)."""
         from tensorboardX import SummaryWriter
 
         self.run_dir = epath.Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        self._lines = self._read()
+        self.active = active
+        self.tb = SummaryWriter(str(self.run_dir / "tb")) if active else None
+        self._lines = self._read() if active else []
 
     def _read(self) -> list[str]:
         lines = []
@@ -43,6 +45,8 @@ class MetricsWriter:
         return lines
 
     def resume(self, phase: str, step: int) -> None:
+        if not self.active:
+            return
         self._lines = [(r, ln) for r, ln in self._read() if r["phase"] != phase or r["step"] <= step]
         tmp = epath.Path(f"{self.path}.tmp")  # a kill leaves the old file or the new one
         tmp.write_text("".join(ln for _, ln in self._lines))
@@ -54,6 +58,8 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
 
     def write(self, step: int, metrics: dict, phase: str = "rl") -> None:
+        if not self.active:
+            return
         clean = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         for k, v in clean.items():
             self.tb.add_scalar(f"{phase}/{k}", v, step)
@@ -66,13 +72,16 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """On an object store, rewrites the file with every line so far (local files are appended per line)."""
+        if not self.active:
+            return
         if not is_local(self.path):
             self.path.write_text("".join(ln for _, ln in self._lines))
         self.tb.flush()
 
     def close(self) -> None:
         self.flush()
-        self.tb.close()
+        if self.active:
+            self.tb.close()
 
 
 def summary_line(step: int, total: int, m: dict) -> str:

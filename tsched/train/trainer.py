@@ -27,6 +27,12 @@ Stopping (tsched.main turns each into one line on stderr and an exit status):
 - A checkpoint that cannot be written: `checkpoint.CheckpointError` naming the path (EXIT_CHECKPOINT = 4);
   the previous checkpoints stay.
 
+Several processes (multi-host, `mesh.num_processes`, tsched.multihost): every process runs this same
+loop over one mesh. Each reads its block of every batch and scores its own rows; all take part in every
+checkpoint (Orbax writes each process's shards); only process 0 writes the run directory's files (config,
+logs, plots, evaluations, summary). A signal or a checkpoint timer seen by one process is agreed on at
+the end of each step, so all save and stop at the same step.
+
 With the environment variable TSCHED_TRACE_EVENTS=1 the run prints `tsched-event: <name> [<step>]` lines
 on stderr at phase boundaries, steps and saves: the fault-injection tests kill the run at such moments.
 """
@@ -49,7 +55,7 @@ from tsched import config as config_lib
 from tsched import eval as eval_lib
 from tsched import export as export_lib
 from tsched import model as model_lib
-from tsched import rollout, sharding
+from tsched import multihost, rollout, sharding
 from tsched.config import ConfigError, resume_mode, validate
 from tsched.data import pipeline, tokenizer as tok_lib
 from tsched.rl import schedules
@@ -160,26 +166,33 @@ def _resolve_resume(cfg) -> bool:
                           f"different config ({'; '.join(diffs)}); set train.force_resume=True to resume it "
                           f"anyway, or train.resume=never to move it aside and start afresh")
     if diffs:
-        print(f"train.force_resume: resuming {cfg.run_dir} despite config differences: {'; '.join(diffs)}")
+        _say(f"train.force_resume: resuming {cfg.run_dir} despite config differences: {'; '.join(diffs)}")
     return True
 
 
 def _write_atomically(path, text: str) -> None:
-    """A kill leaves either the old file or the new one, never half of it (local or object store)."""
+    """A kill leaves either the old file or the new one, never half of it (local or object store). Only
+    process 0 writes the run directory's files."""
+    if not multihost.is_main():
+        return
     tmp = epath.Path(f"{path}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
 def _prepare_run_dir(cfg, resuming: bool) -> epath.Path:
-    """The run directory (a local path or e.g. gs://), created; an earlier run there is moved aside."""
+    """The run directory (a local path or e.g. gs://), created; an earlier run there is moved aside (by
+    process 0, once every process has decided whether it resumes)."""
     run_dir = epath.Path(cfg.run_dir)
-    if run_dir.is_dir() and resume_mode(cfg) == "never" and any(run_dir.iterdir()):
-        aside = run_dir.parent / f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir.rename(aside)
-        print(f"run_dir {cfg.run_dir} existed and train.resume=never: moved it to {aside}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(run_dir / "config.json", cfg.to_json_best_effort(indent=2))
+    multihost.barrier("resume_decided")
+    if multihost.is_main():
+        if run_dir.is_dir() and resume_mode(cfg) == "never" and any(run_dir.iterdir()):
+            aside = run_dir.parent / f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir.rename(aside)
+            print(f"run_dir {cfg.run_dir} existed and train.resume=never: moved it to {aside}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(run_dir / "config.json", cfg.to_json_best_effort(indent=2))
+    multihost.barrier("run_dir_ready")
     return run_dir
 
 
@@ -210,11 +223,16 @@ class _Saver:
 
     def end_of_step(self, step: int, state, it) -> None:
         every_s = self.cfg.train.checkpoint_every_s
-        too_many = self.bad_in_a_row >= self.cfg.train.max_bad_steps
-        due = (step % self.cfg.train.checkpoint_every == 0 or step == self.last
-               or (every_s > 0 and time.monotonic() - self.t_saved >= every_s))
+        too_many = self.bad_in_a_row >= self.cfg.train.max_bad_steps  # the same in every process
+        # A signal or the timer of one process saves (and stops) all of them at this step; both are read
+        # once, here, so the save and the stop cannot disagree.
+        stop, timer = multihost.agree(self.signals.received is not None,
+                                      every_s > 0 and time.monotonic() - self.t_saved >= every_s)
+        if stop and not self.signals.received:
+            self.signals.received = "a signal to another process"
+        due = step % self.cfg.train.checkpoint_every == 0 or step == self.last or timer
         where = epath.Path(self.ckpt.directory) / str(step)
-        if due or too_many or self.signals.received:
+        if due or too_many or stop:
             _event(f"{self.phase}_save_start", step)
             self.ckpt.save(step, state, self.data_state(it))
             self.t_saved = time.monotonic()
@@ -225,7 +243,7 @@ class _Saver:
                 f"{self.cfg.train.max_bad_steps}), the last at step {step}: stopped; {where} holds the last good "
                 f"parameters (skipped steps leave them unchanged). Lower the learning rate or check the data, then "
                 f"resume with --config.train.resume=auto")
-        if self.signals.received:
+        if stop:  # as agreed above: a signal arriving since then stops the next step, which saves first
             raise Preempted(f"stopped by {self.signals.received} after {self.phase.upper()} step {step}; "
                             f"checkpoint {where} written; {RESUME_HINT}")
 
@@ -238,6 +256,7 @@ def run(cfg) -> str:
     `CheckpointError` when the run stops early (see the module docstring).
     """
     t_start = time.time()
+    multihost.initialize(cfg.mesh)  # before anything asks JAX for its devices
     validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     # Under the mesh, the jitted steps trace with the model's activations pinned to it (sharding.pin_rows).
@@ -248,16 +267,9 @@ def run(cfg) -> str:
 def _run(cfg, t_start, signals, mesh) -> str:
     _event("start")
 
-    # ---- Data and tokenizer (cached outside the run directory, see config.data_dir)
-    splits = pipeline.open_splits(cfg)
-    pipeline.check_solutions(cfg, splits["train"])
-    tok_path = config_lib.tokenizer_path(cfg)  # tokenizer.model_path, else the checkpoint's
-    if tok_path:
-        tok = tok_lib.load(tok_path)
-    else:
-        render = pipeline.encoder(cfg, None).prompt_text
-        tok = tok_lib.load_or_train("", pipeline.tokenizer_cache_path(cfg), pipeline.corpus(splits["train"], render),
-                                    cfg.tokenizer.vocab_size)
+    # ---- Data and tokenizer (cached outside the run directory, see config.data_dir; built by process 0
+    # first where the processes share that cache)
+    splits, tok = multihost.main_first(lambda: _data_and_tokenizer(cfg), "data_cache")
     P = cfg.data.prompt_len
     encode = pipeline.encoder(cfg, tok)
     budgets = pipeline.check_budgets([splits["train"], *splits["eval_sets"].values()], tok, P,
@@ -280,16 +292,17 @@ def _run(cfg, t_start, signals, mesh) -> str:
         param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh)
         params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_shardings)(
             jax.random.fold_in(key, 0))
-    print(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters"
-          f"{' from ' + cfg.model.init_from if cfg.model.init_from else ''}, vocab {tok.vocab_size}, "
-          f"stop ids {list(tok.stop_ids)}, mesh {dict(mesh.shape)}, devices {jax.device_count()} x "
-          f"{jax.devices()[0].platform}; longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
-          f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}")
+    _say(f"model: {model_cfg.num_params() / 1e6:.2f}M parameters"
+         f"{' from ' + cfg.model.init_from if cfg.model.init_from else ''}, vocab {tok.vocab_size}, "
+         f"stop ids {list(tok.stop_ids)}, mesh {dict(mesh.shape)}, devices {jax.device_count()} x "
+         f"{jax.devices()[0].platform}; longest prompt {budgets['max_prompt_tokens']} of {P} tokens, "
+         f"{100 * budgets['solutions_cut']:.1f}% of solutions cut at {cfg.data.max_solution_tokens}"
+         f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''}")
 
     dirs = _checkpoint_dirs(run_dir)
     sft_ckpt = Checkpointer(dirs["sft"], keep=cfg.train.keep_checkpoints)
     rl_ckpt = Checkpointer(dirs["rl"], keep=cfg.train.keep_checkpoints)
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, active=multihost.is_main())
     eval_key = jax.random.fold_in(key, 1)
     _event("setup_done")
 
@@ -324,11 +337,15 @@ def _run(cfg, t_start, signals, mesh) -> str:
 
     # ---- Export (train.export_hf): the final policy as a Hugging Face directory
     if cfg.train.export_hf:
-        print(f"exported the final policy to {export_lib.export_hf(str(run_dir / 'hf'), model_cfg, params, tok, cfg.model.init_from)}")
+        host_params = multihost.fetch(params)  # every process takes part in gathering the shards
+        if multihost.is_main():
+            _say(f"exported the final policy to "
+                 f"{export_lib.export_hf(str(run_dir / 'hf'), model_cfg, host_params, tok, cfg.model.init_from)}")
     writer.close()
     sft_ckpt.close()
     rl_ckpt.close()
-    plot_curves(writer.path, run_dir / "curves.png")
+    if multihost.is_main():
+        plot_curves(writer.path, run_dir / "curves.png")
 
     per_set_before, per_set_after = before, after
     before, after = eval_lib.pooled(per_set_before), eval_lib.pooled(per_set_after)
@@ -357,10 +374,34 @@ def _run(cfg, t_start, signals, mesh) -> str:
     return str(path)
 
 
+def _say(line: str) -> None:
+    """A progress line on stdout, from process 0 only."""
+    if multihost.is_main():
+        print(line)
+
+
+def _data_and_tokenizer(cfg):
+    """-> (the problem-set splits, the tokenizer): the configured one, or one trained on the train split
+    (cached)."""
+    splits = pipeline.open_splits(cfg)
+    pipeline.check_solutions(cfg, splits["train"])
+    tok_path = config_lib.tokenizer_path(cfg)  # tokenizer.model_path, else the checkpoint's
+    if tok_path:
+        return splits, tok_lib.load(tok_path)
+    render = pipeline.encoder(cfg, None).prompt_text
+    return splits, tok_lib.load_or_train("", pipeline.tokenizer_cache_path(cfg),
+                                         pipeline.corpus(splits["train"], render), cfg.tokenizer.vocab_size)
+
+
+def _train_batches(source, encode, batch_size: int, seed: int):
+    """This process's block of every batch (tsched.data.pipeline.train_batches)."""
+    return iter(pipeline.train_batches(source, encode, batch_size, seed, jax.process_index(), jax.process_count()))
+
+
 def _print_eval(when: str, cfg, per_set: dict) -> None:
     for name, r in per_set.items():
-        print(f"eval {when}{'' if len(per_set) == 1 else ' [' + name + ']'}: avg@{cfg.eval.samples} "
-              f"{r['sampled']['accuracy']:.3f}, greedy {r['greedy']['accuracy']:.3f}")
+        _say(f"eval {when}{'' if len(per_set) == 1 else ' [' + name + ']'}: avg@{cfg.eval.samples} "
+             f"{r['sampled']['accuracy']:.3f}, greedy {r['greedy']['accuracy']:.3f}")
 
 
 def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resuming):
@@ -377,12 +418,12 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
         warm = Checkpointer(epath.Path(config_lib.warm_start_checkpoint(cfg)).parent, read_only=True)
         state, _ = warm.restore(steps, state, with_data=False)
         warm.close()
-        print(f"SFT warm start: step {steps} of {cfg.sft.warm_start}")
+        _say(f"SFT warm start: step {steps} of {cfg.sft.warm_start}")
         return state["params"], True
     mesh = sharding.mesh_of(params)
     step_fn = learner.make_sft_step(model_cfg, tx, mesh)
     encode = pipeline.encoder(cfg, tok, solutions=True)
-    it = iter(pipeline.train_batches(train_source, encode, cfg.sft.batch_size, seed=cfg.seed + 1))
+    it = _train_batches(train_source, encode, cfg.sft.batch_size, cfg.seed + 1)
     saver = _Saver(cfg, "sft", steps, ckpt, signals)
     restored = ckpt.restore_latest(state) if resuming else None
     if restored:
@@ -393,8 +434,8 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
     if step > steps:
         return state["params"], True
     if restored:
-        print(f"resumed SFT at step {step - 1}")
-    bar = tqdm(total=steps, initial=step - 1, desc="SFT", disable=not cfg.train.progress,
+        _say(f"resumed SFT at step {step - 1}")
+    bar = tqdm(total=steps, initial=step - 1, desc="SFT", disable=not cfg.train.progress or not multihost.is_main(),
                dynamic_ncols=True)
     signals.deferred = True
     while step <= steps:
@@ -436,16 +477,16 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
     state = learner.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.fold_in(key, 2))
     mesh = sharding.mesh_of(params)
     rl_step = learner.make_rl_step(cfg, model_cfg, tx, mesh)
-    it = iter(pipeline.train_batches(train_source, encode, rl.prompts_per_step, seed=cfg.seed + 2))
+    it = _train_batches(train_source, encode, rl.prompts_per_step, cfg.seed + 2)
     saver = _Saver(cfg, "rl", rl.steps, ckpt, signals)
     restored = ckpt.restore_latest(state) if resuming else None
     if restored:
         _, state, data_state = restored
         it.set_state(saver.restore_counts(data_state))
-        print(f"resumed RL at step {int(state['step'])}")
+        _say(f"resumed RL at step {int(state['step'])}")
     writer.resume("rl", int(state["step"]))
 
-    bar = tqdm(total=rl.steps, initial=int(state["step"]), desc="RL", disable=not cfg.train.progress,
+    bar = tqdm(total=rl.steps, initial=int(state["step"]), desc="RL", disable=not cfg.train.progress or not multihost.is_main(),
                dynamic_ncols=True)
     signals.deferred = True
     last_eval = None  # the periodic evaluation of the latest step, if it had one
@@ -464,7 +505,7 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         writer.write(step, {**m, "skipped_steps": saver.skipped_steps})
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.3f}", r=f"{m['magnitude']:.2f}", tok_s=f"{m['sample_tokens_per_s']:.0f}")
-        if step % cfg.train.log_every == 0 or step == rl.steps:
+        if (step % cfg.train.log_every == 0 or step == rl.steps) and multihost.is_main():
             tqdm.write(summary_line(step, rl.steps, m))
             writer.flush()
         _event("rl_step", step)
