@@ -26,7 +26,7 @@ from tests import faults
 from tests.tiny import TINY
 from tsched import multihost
 from tsched.config import ConfigError, base_config
-from tsched.train.checkpoint import restore_on_one_device
+from tsched.train.checkpoint import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def _assert_same_run(one, other) -> None:
     for k in ("eval_accuracy_before_rl", "eval_accuracy_after_rl", "eval_greedy_accuracy_after_rl", "eval_problems"):
         assert s1[k] == s2[k], k
 
-    p1, p2 = (restore_on_one_device(str(d / "ckpt" / "rl" / "8" / "state"))["params"] for d in (one, other))
+    p1, p2 = (restore_params(str(d / "ckpt" / "rl" / "8" / "state")) for d in (one, other))
     for (path, a), b in zip(jax.tree.leaves_with_path(p1), jax.tree.leaves(p2)):
         # measured: at most 9e-5 apart (weights up to 1.3) after the 68 steps
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2e-4, err_msg=jax.tree_util.keystr(path))

@@ -141,7 +141,7 @@ def load_policy(cfg, checkpoint: str):
     from tsched import config as config_lib
     from tsched import model as model_lib
     from tsched.data import pipeline, tokenizer as tok_lib
-    from tsched.train.checkpoint import restore_on_one_device
+    from tsched.train.checkpoint import restore_params
 
     if os.path.isfile(os.path.join(checkpoint, "config.json")) and not os.path.isdir(os.path.join(checkpoint, "ckpt")):
         cfg.model.init_from = checkpoint
@@ -160,8 +160,7 @@ def load_policy(cfg, checkpoint: str):
         d = os.path.join(checkpoint, "ckpt", phase)
         steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
         if steps:
-            tree = restore_on_one_device(os.path.abspath(os.path.join(d, str(steps[-1]), "state")))
-            params = tree["params"]  # the train state of either phase
+            params = restore_params(os.path.abspath(os.path.join(d, str(steps[-1]), "state")))
             if cfg.model.init_from:
                 model_cfg, _ = model_lib.pretrained(cfg.model, weights=False)
             else:

@@ -10,7 +10,8 @@ global arrays and holds the rows of the batch assigned to it. What is not an arr
 - `fetch`: host values of global arrays (a sharded array spans devices of other processes).
 - `all_rows`: every process's host rows, concatenated in process order (prompts, scores, verdicts);
   `own_rows` the reverse: a process's block of rows that every process holds.
-- `agree`: the processes' flags OR-ed (a signal or a timer seen by one process stops or saves all).
+- `agree`: the processes' flags OR-ed (a signal or a timer seen by one process stops or saves all);
+  `from_main`: process 0's decision where processes could read the file system differently.
 - `is_main`: process 0 writes the run directory's logs, plots and summary; `barrier` and `main_first`
   order the rest.
 
@@ -35,24 +36,36 @@ def on_cloud_tpu_vm() -> bool:
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
+_started = False  # whether `initialize` has decided already (a second call does nothing)
+
+
 def initialize(mesh_cfg) -> None:
     """`jax.distributed.initialize` as `mesh.num_processes` / `process_id` / `coordinator` say; must run
-    before anything asks JAX for its devices (a second call does nothing). Raises `ConfigError` naming
-    the field for bad values."""
+    before anything asks JAX for its devices. Raises `ConfigError` naming the field for bad values.
+
+    Detection (num_processes 0) joins a slice only while JAX has not started in this process: a notebook
+    that already used JAX (Colab on a TPU) stays one process, as it must."""
+    global _started
     from tsched.config import validate_processes
 
     validate_processes(mesh_cfg)
     n = mesh_cfg.get("num_processes", 0)
-    if jax.distributed.is_initialized() or n == 1 or (n == 0 and not on_cloud_tpu_vm()):
+    if _started or jax.distributed.is_initialized() or n == 1 or (n == 0 and not on_cloud_tpu_vm()):
+        _started = True
         return
-    if n == 0:  # Cloud TPU: coordinator, process count and index come from the VM's metadata
-        try:
-            jax.distributed.initialize()
-        except ValueError as e:  # JAX found no slice to join (e.g. a Colab TPU): one process
-            if "should be defined" not in str(e):
-                raise
-    else:
+    _started = True
+    if n > 1:
         jax.distributed.initialize(mesh_cfg.coordinator, n, mesh_cfg.process_id)
+        return
+    from jax._src import xla_bridge  # no public test for it in jax 0.10 (pinned)
+
+    if xla_bridge.backends_are_initialized():
+        return
+    try:  # Cloud TPU: coordinator, process count and index come from the VM's metadata
+        jax.distributed.initialize()
+    except ValueError as e:  # JAX found no slice to join (e.g. a Colab TPU): one process
+        if "should be defined" not in str(e):
+            raise
 
 
 def is_main() -> bool:
@@ -86,6 +99,14 @@ def own_rows(tree):
     return jax.tree.map(lambda x: x[p * (len(x) // n):(p + 1) * (len(x) // n)], tree)
 
 
+def from_main(value: int) -> int:
+    """Process 0's value in every process: one decision where each process could read the file system
+    differently (a resume, a checkpoint that did or did not restore)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def agree(*flags: bool) -> tuple[bool, ...]:
     """Each flag OR-ed over the processes: all of them take the same branch."""
     if jax.process_count() == 1:
@@ -96,7 +117,8 @@ def agree(*flags: bool) -> tuple[bool, ...]:
 
 def main_first(fn, name: str):
     """fn() in process 0, then in the others: process 0 fills the caches they may share (a dataset built on
-    first use, a trained tokenizer) before they read them."""
+    first use, a trained tokenizer) before they read them. If fn raises in process 0, the others wait
+    until the distributed service notices that process 0 has gone, then fail."""
     if is_main():
         out = fn()
         barrier(name)

@@ -47,15 +47,18 @@ def complete_steps(directory) -> list[int]:
                   if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / "state" / "_METADATA").is_file())
 
 
-def restore_on_one_device(path):
-    """The pytree saved at `path` (a step's item directory, e.g. `<run>/ckpt/rl/8/state`) on this process's
-    first device, whatever mesh and processes saved it (Orbax otherwise restores onto the saving
-    topology, and refuses another)."""
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path).item_metadata
+def restore_params(path):
+    """The parameters of the train state saved at `path` (a step's item directory, e.g.
+    `<run>/ckpt/rl/8/state`), on this process's first device, whatever mesh and processes saved it
+    (Orbax otherwise restores onto the saving topology, and refuses another). The optimizer state is not
+    read."""
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), getattr(meta, "tree", meta))
-    return checkpointer.restore(path, target)
+    item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                   getattr(meta, "tree", meta)["params"])}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
 
 
 class Checkpointer:
@@ -81,14 +84,20 @@ class Checkpointer:
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
         path = self.directory / str(step)
+        error = None
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - full disk, permissions, ... all end the run the same way
-            raise CheckpointError(f"could not write checkpoint {path}: {type(e).__name__}: {e}; "
-                                  f"the previous checkpoint ({self.latest_step()}) is intact") from e
-        if step not in complete_steps(self.directory):
-            raise CheckpointError(f"could not write checkpoint {path}: the save returned but left no complete step")
+            error = e
+        # Every process stops or none does: a failure in one process, or a step process 0 does not find
+        # complete, is everyone's.
+        incomplete = error is None and multihost.is_main() and step not in complete_steps(self.directory)
+        if any(multihost.agree(error is not None, incomplete)):
+            why = (f"{type(error).__name__}: {error}" if error else "the save returned but left no complete step"
+                   if incomplete else "it failed in another process")
+            raise CheckpointError(f"could not write checkpoint {path}: {why}; the previous checkpoint "
+                                  f"({self.latest_step()}) is intact") from error
 
     def restore(self, step: int, like_state, with_data: bool = True):
         """-> (state, data_state or None); `like_state` is a concrete or abstract tree of the same structure."""
@@ -104,21 +113,28 @@ class Checkpointer:
     def restore_latest(self, like_state, with_data: bool = True):
         """-> (step, state, data_state) of the newest step that restores, or None if none does.
 
-        A step that fails to restore is reported on stderr and moved aside, and the one before is tried."""
-        while (step := self.latest_step()) is not None:
+        A step that fails to restore is reported on stderr and moved aside, and the one before is tried.
+        With several processes, process 0's listing names the step, and a step that fails in any process
+        is moved aside for all."""
+        while (step := multihost.from_main(-1 if (latest := self.latest_step()) is None else latest)) >= 0:
+            error = None
             try:
-                return (step, *self.restore(step, like_state, with_data))
+                restored = (step, *self.restore(step, like_state, with_data))
             except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
-                bad = self.directory / str(step)
+                error = e
+            if not multihost.agree(error is not None)[0]:
+                return restored
+            bad = self.directory / str(step)
+            if multihost.is_main():  # the other processes wait until it is gone
                 aside = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                if multihost.is_main():  # the other processes wait until it is gone
-                    aside.parent.mkdir(parents=True, exist_ok=True)
-                    bad.rename(aside)
-                multihost.barrier(f"checkpoint_{step}_aside")
-                print(f"tsched: checkpoint {bad} is unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); moved it to {aside} "
-                      f"and trying the previous one", file=sys.stderr, flush=True)
-                self.manager.reload()
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                bad.rename(aside)
+                why = (f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}" if error
+                       else "in another process")
+                print(f"tsched: checkpoint {bad} is unreadable ({why}); moved it to {aside} and trying the previous "
+                      f"one", file=sys.stderr, flush=True)
+            multihost.barrier(f"checkpoint_{step}_aside")
+            self.manager.reload()
         return None
 
     def close(self) -> None:

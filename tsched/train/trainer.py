@@ -30,8 +30,11 @@ Stopping (tsched.main turns each into one line on stderr and an exit status):
 Several processes (multi-host, `mesh.num_processes`, tsched.multihost): every process runs this same
 loop over one mesh. Each reads its block of every batch and scores its own rows; all take part in every
 checkpoint (Orbax writes each process's shards); only process 0 writes the run directory's files (config,
-logs, plots, evaluations, summary). A signal or a checkpoint timer seen by one process is agreed on at
-the end of each step, so all save and stop at the same step.
+logs, plots, evaluations, summary). Inside the SFT and RL step loops a signal or a checkpoint timer seen
+by one process is agreed on at the end of each step, so all save and stop at the same step (a TPU
+preemption signals every host); elsewhere a signal stops the process it reached, and the others fail
+once the distributed service notices. Decisions read from the run directory (resume or not, which
+checkpoint, whether the evaluation before RL is on disk) are process 0's.
 
 With the environment variable TSCHED_TRACE_EVENTS=1 the run prints `tsched-event: <name> [<step>]` lines
 on stderr at phase boundaries, steps and saves: the fault-injection tests kill the run at such moments.
@@ -275,7 +278,7 @@ def _run(cfg, t_start, signals, mesh) -> str:
     budgets = pipeline.check_budgets([splits["train"], *splits["eval_sets"].values()], tok, P,
                                      cfg.data.max_solution_tokens, encode)
 
-    resuming = _resolve_resume(cfg)
+    resuming = bool(multihost.from_main(_resolve_resume(cfg)))
     run_dir = _prepare_run_dir(cfg, resuming)
     eval_sets = {name: pipeline.eval_batches(src, encode, cfg.eval.num_problems, cfg.eval.batch_size)
                  for name, src in splits["eval_sets"].items()}
@@ -314,7 +317,7 @@ def _run(cfg, t_start, signals, mesh) -> str:
 
         # ---- Evaluation before RL (kept on disk so a resumed run reports it too)
         before_path = run_dir / "eval_before_rl.json"
-        if resuming and sft_was_done and before_path.exists():
+        if multihost.from_main(resuming and sft_was_done and before_path.exists()):
             before = json.loads(before_path.read_text())
         else:
             _event("eval_before_start")
@@ -372,6 +375,13 @@ def _run(cfg, t_start, signals, mesh) -> str:
     _write_atomically(path, json.dumps(summary, indent=2))
     _event("done")
     return str(path)
+
+
+def _stop_if_signalled(signals: _Signals, phase: str, step: int, ckpt: Checkpointer) -> None:
+    """After a phase's last step (checkpointed): a signal that came after the step's own check stops here."""
+    if multihost.agree(signals.received is not None)[0]:
+        raise Preempted(f"stopped by {signals.received or 'a signal to another process'} after {phase.upper()} "
+                        f"step {step}; checkpoint {epath.Path(ckpt.directory) / str(step)} written; {RESUME_HINT}")
 
 
 def _say(line: str) -> None:
@@ -452,6 +462,7 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
         saver.end_of_step(step, state, it)
         step += 1
     signals.deferred = False
+    _stop_if_signalled(signals, "sft", steps, ckpt)
     bar.close()
     return state["params"], False
 
@@ -511,5 +522,6 @@ def _rl(cfg, model_cfg, params, train_source, tok, pool, ckpt, writer, key, sign
         _event("rl_step", step)
         saver.end_of_step(step, state, it)
     signals.deferred = False
+    _stop_if_signalled(signals, "rl", rl.steps, ckpt)
     bar.close()
     return state["params"], last_eval
