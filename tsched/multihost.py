@@ -50,10 +50,9 @@ def initialize(mesh_cfg) -> None:
 
     validate_processes(mesh_cfg)
     n = mesh_cfg.get("num_processes", 0)
-    if _started or jax.distributed.is_initialized() or n == 1 or (n == 0 and not on_cloud_tpu_vm()):
-        _started = True
+    decided, _started = _started, True
+    if decided or jax.distributed.is_initialized() or n == 1 or (n == 0 and not on_cloud_tpu_vm()):
         return
-    _started = True
     if n > 1:
         jax.distributed.initialize(mesh_cfg.coordinator, n, mesh_cfg.process_id)
         return
@@ -78,8 +77,6 @@ def fetch(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     spans = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
-    if not any(spans(x) for x in jax.tree.leaves(tree)):
-        return jax.device_get(tree)
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if spans(x) else jax.device_get(x),
                         tree)
 
