@@ -24,8 +24,8 @@ def forward_flops(ctx, L=1, D=32, H=2, K=1, Dh=16, F=64, V=64):
     return 2 * L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + 2 * D * V + 4 * L * H * Dh * ctx
 
 
-def test_rl_bench_smoke_accounts_flops_and_tokens(tmp_path):
-    out = run("tsched.bench", "--smoke", "--json", str(tmp_path / "bench.json"))
+def test_rl_bench_smoke_accounts_flops_and_tokens_beside_hf_and_trl(tmp_path):
+    out = run("tsched.bench", "--smoke", "--external", "--json", str(tmp_path / "bench.json"))
     data = json.load(open(tmp_path / "bench.json"))
     B, G, P, T = 2, 2, 8, 8  # the smoke shape
     sample = B * sum(forward_flops(c + 1) for c in range(P)) + B * G * sum(forward_flops(P + t + 1) for t in range(T))
@@ -44,6 +44,14 @@ def test_rl_bench_smoke_accounts_flops_and_tokens(tmp_path):
         for name, p in phases.items():
             assert any(line.split()[:2] == [r["dtype"], name] and f"{p['median_s']:.3f}" in line
                        for line in out.splitlines()), name
+    # --external: HF generate and TRL's GRPO step at the same shape, in their own process
+    ours, ext = data["results"][0], data["external"]
+    assert ext["params"] == ours["params"]  # the shape flags reached it: the same model size in PyTorch
+    assert ext["generate_s"] > 0 and ext["grpo_step_s"] > 0
+    assert ext["generate_tokens_per_s"] == pytest.approx(B * G * T / ext["generate_s"])
+    assert ext["sample_vs_generate"] == pytest.approx(ours["sample_tokens_per_s"] / ext["generate_tokens_per_s"])
+    assert ext["rl_step_vs_grpo_step"] == pytest.approx(ours["rl_step_s"] / ext["grpo_step_s"])
+    assert f"tsched / TRL {ext['rl_step_vs_grpo_step']:.2f}" in out
 
 
 def test_loss_and_verify_bench_smoke():
@@ -75,3 +83,4 @@ def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
     ratio = varied["rl_step_s"] / forced["rl_step_s"]
     assert varied["rl_step_vs_forced"] == pytest.approx(ratio)
     assert f"float32: varied / forced time: rl_step {ratio:.2f}" in out
+

@@ -1,6 +1,7 @@
 """RL step benchmark: time per phase against the FLOP bound this machine measures for itself.
 
-    python -m tsched.bench [--dtypes float32,bfloat16] [--steps 5] [--lengths forced|varied] [--json PATH] [--smoke]
+    python -m tsched.bench [--dtypes float32,bfloat16] [--steps 5] [--lengths forced|varied] [--external]
+        [--json PATH] [--smoke]
 
 Defaults are the reference shape: decoder with 4 layers, d_model 256, ffn 1024, 4 query / 2 kv heads,
 head_dim 64, vocab 512, tied embeddings (4.07M parameters); 8 prompts x 8 samples, prompt 64 tokens,
@@ -31,12 +32,20 @@ Phases, each the median over `--steps` steady-state steps after one warm-up:
     loss       forward + backward of the scheduled RL objective (the learner's `policy_gradient`)
     optimizer  the optax update
     rl_step    `tsched.rollout.generate` (sample + verify) + the jitted update: the trainer's step
+
+`--external` then runs `tsched.bench.external` (Hugging Face `generate` and TRL's GRPO trainer, PyTorch, at
+the same shape, float32, forced lengths; needs requirements-test.txt) as its own process and prints
+tsched's float32 sampler and RL step beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -206,9 +215,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="of the varied response lengths")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--external", action="store_true",
+                    help="also time HF generate and TRL's GRPO step at this shape (tsched.bench.external)")
     ap.add_argument("--json", default="")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps: checks the harness runs")
     args = ap.parse_args(argv)
+    if args.external and "float32" not in args.dtypes.split(","):
+        ap.error("--external compares the float32 forced-length run: include float32 in --dtypes")
     if args.smoke:
         args.layers, args.d_model, args.ffn, args.heads, args.kv_heads, args.head_dim = 1, 32, 64, 2, 1, 16
         args.vocab, args.prompts, args.samples, args.prompt_len, args.new_tokens, args.steps = 64, 2, 2, 8, 8, 2
@@ -236,9 +249,36 @@ def main(argv=None):
         ratios = ", ".join(f"{k} {varied['phases'][k]['median_s'] / forced['phases'][k]['median_s']:.2f}"
                            for k in ("sample", "score", "verify", "loss"))
         print(f"{varied['dtype']}: varied / forced time: rl_step {varied['rl_step_vs_forced']:.2f}, {ratios}")
+    external = side_by_side(args, results) if args.external else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results, "external": external}, f, indent=2)
+
+
+SHAPE_FLAGS = ("layers", "d_model", "ffn", "heads", "kv_heads", "head_dim", "vocab", "prompts", "samples",
+               "prompt_len", "new_tokens", "micro_batches", "steps")
+
+
+def side_by_side(args, results) -> dict:
+    """Runs tsched.bench.external at this shape in its own process; prints and returns its numbers with
+    tsched's float32 forced-length ones."""
+    ours = next(r for r in results if r["dtype"] == "float32" and r["lengths"] == "forced")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "external.json")
+        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE_FLAGS]
+        subprocess.run([sys.executable, "-m", "tsched.bench.external", *flags, f"--json={out}"], check=True)
+        with open(out) as f:
+            ext = json.load(f)
+    ext["sample_vs_generate"] = ours["sample_tokens_per_s"] / ext["generate_tokens_per_s"]
+    ext["rl_step_vs_grpo_step"] = ours["rl_step_s"] / ext["grpo_step_s"]
+    v = ext["versions"]
+    print(f"side by side, float32, forced lengths (torch {v['torch']}, transformers {v['transformers']}, "
+          f"trl {v['trl']}, {ext['torch_threads']} threads):")
+    print(f"  sampler   tsched {ours['sample_tokens_per_s']:>8.0f} new tokens/s   HF generate "
+          f"{ext['generate_tokens_per_s']:>8.0f}   ratio {ext['sample_vs_generate']:.2f}x")
+    print(f"  RL step   tsched {ours['rl_step_s']:>8.3f} s            TRL GRPO    "
+          f"{ext['grpo_step_s']:>8.3f} s   tsched / TRL {ext['rl_step_vs_grpo_step']:.2f}")
+    return ext
 
 
 if __name__ == "__main__":
