@@ -39,7 +39,8 @@ def shape_args(ap: argparse.ArgumentParser) -> None:
 
 
 def word(i: int) -> str:
-    """Token i's text: three letters (transformers' fast tokenizer splits digits off words)."""
+    """Token i's text: three letters (with digits in the words, transformers' fast tokenizer split "t20" into
+    "t2" + "0" here)."""
     return "".join(chr(97 + i // 26 ** k % 26) for k in (2, 1, 0))
 
 
