@@ -83,4 +83,3 @@ def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
     ratio = varied["rl_step_s"] / forced["rl_step_s"]
     assert varied["rl_step_vs_forced"] == pytest.approx(ratio)
     assert f"float32: varied / forced time: rl_step {ratio:.2f}" in out
-
