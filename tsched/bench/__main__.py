@@ -54,6 +54,7 @@ import numpy as np
 
 from tsched import model as model_lib
 from tsched import rollout
+from tsched.bench import external as external_lib
 from tsched.config import base_config
 from tsched.model import ModelConfig
 from tsched.sampling.sampler import SamplingConfig, sample
@@ -195,19 +196,7 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--micro-batches", type=int, default=4,
-                    help="the update's gradient-accumulation slices (rl.micro_batches); one optimizer step")
+    external_lib.shape_args(ap)
     ap.add_argument("--length-buckets", type=int, default=3,
                     help="rl.length_buckets: the update's padded response lengths T, T/2, ..., T/2^(n-1)")
     ap.add_argument("--lengths", choices=("forced", "varied"), default="forced",
@@ -255,17 +244,13 @@ def main(argv=None):
             json.dump({"args": vars(args), "results": results, "external": external}, f, indent=2)
 
 
-SHAPE_FLAGS = ("layers", "d_model", "ffn", "heads", "kv_heads", "head_dim", "vocab", "prompts", "samples",
-               "prompt_len", "new_tokens", "micro_batches", "steps")
-
-
 def side_by_side(args, results) -> dict:
     """Runs tsched.bench.external at this shape in its own process; prints and returns its numbers with
     tsched's float32 forced-length ones."""
     ours = next(r for r in results if r["dtype"] == "float32" and r["lengths"] == "forced")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "external.json")
-        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE_FLAGS]
+        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*external_lib.REFERENCE_SHAPE, "steps")]
         subprocess.run([sys.executable, "-m", "tsched.bench.external", *flags, f"--json={out}"], check=True)
         with open(out) as f:
             ext = json.load(f)

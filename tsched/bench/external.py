@@ -30,12 +30,16 @@ import time
 import zlib
 
 
+# The benchmark's reference shape: its flags in tsched.bench and here (`--d-model` for d_model, ...).
+REFERENCE_SHAPE = {"layers": 4, "d_model": 256, "ffn": 1024, "heads": 4, "kv_heads": 2, "head_dim": 64, "vocab": 512,
+                   "prompts": 8, "samples": 8, "prompt_len": 64, "new_tokens": 128, "micro_batches": 4}
+HELP = {"micro_batches": "the update's gradient-accumulation slices (rl.micro_batches); one optimizer step"}
+
+
 def shape_args(ap: argparse.ArgumentParser) -> None:
-    """The shape flags tsched.bench passes on (its defaults: the reference shape)."""
-    for flag, default in (("layers", 4), ("d-model", 256), ("ffn", 1024), ("heads", 4), ("kv-heads", 2),
-                          ("head-dim", 64), ("vocab", 512), ("prompts", 8), ("samples", 8), ("prompt-len", 64),
-                          ("new-tokens", 128), ("micro-batches", 4), ("steps", 3)):
-        ap.add_argument(f"--{flag}", type=int, default=default)
+    """The shape flags, with REFERENCE_SHAPE's defaults."""
+    for name, default in REFERENCE_SHAPE.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=HELP.get(name))
 
 
 def word(i: int) -> str:
@@ -142,6 +146,7 @@ def run(args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     shape_args(ap)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     result = run(args)
