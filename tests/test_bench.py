@@ -28,9 +28,9 @@ def test_rl_bench_smoke_accounts_flops_and_tokens_beside_hf_and_trl(tmp_path):
     out = run("tsched.bench", "--smoke", "--external", "--json", str(tmp_path / "bench.json"))
     data = json.load(open(tmp_path / "bench.json"))
     B, G, P, T = 2, 2, 8, 8  # the smoke shape
-    sample = B * sum(forward_flops(c + 1) for c in range(P)) + B * G * sum(forward_flops(P + t + 1) for t in range(T))
-    fwd = B * G * sum(forward_flops(c + 1) for c in range(P + T))
-    want = {"sample": sample, "score": fwd, "loss": 3 * fwd, "rl_step": sample + 3 * fwd}
+    # the B prompts once, then every row's tokens at their context: the sampler's work and the update's forward
+    fwd = B * sum(forward_flops(c + 1) for c in range(P)) + B * G * sum(forward_flops(P + t + 1) for t in range(T))
+    want = {"sample": fwd, "score": fwd, "loss": 3 * fwd, "rl_step": 4 * fwd}
     assert [r["dtype"] for r in data["results"]] == ["float32", "bfloat16"]
     for r in data["results"]:
         phases = r["phases"]
@@ -71,13 +71,11 @@ def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
     forced, varied = data["results"]
     assert (forced["lengths"], varied["lengths"]) == ("forced", "varied")
     assert varied["mean_length"] == pytest.approx(lens.mean()) and lens.max() < T
-    sample = B * sum(forward_flops(c + 1) for c in range(P)) + sum(forward_flops(P + t + 1) for L in lens
-                                                                   for t in range(L))
-    fwd = sum(forward_flops(c + 1) for L in lens for c in range(P + L))
+    fwd = B * sum(forward_flops(c + 1) for c in range(P)) + sum(forward_flops(P + t + 1) for L in lens for t in range(L))
     phases = varied["phases"]
-    for name, flops in {"sample": sample, "score": fwd, "loss": 3 * fwd, "rl_step": sample + 3 * fwd}.items():
+    for name, flops in {"sample": fwd, "score": fwd, "loss": 3 * fwd, "rl_step": 4 * fwd}.items():
         assert phases[name]["gflop"] == pytest.approx(flops / 1e9, rel=1e-9), name
-    for name, tokens in {"sample": lens.sum(), "score": (P + lens).sum(), "rl_step": lens.sum()}.items():
+    for name, tokens in {"sample": lens.sum(), "score": B * P + lens.sum(), "rl_step": lens.sum()}.items():
         assert phases[name]["tokens_per_s"] == pytest.approx(tokens / phases[name]["median_s"]), name
     assert forced["sample_tokens_per_s"] == pytest.approx(B * G * T / forced["phases"]["sample"]["median_s"])
     ratio = varied["rl_step_s"] / forced["rl_step_s"]

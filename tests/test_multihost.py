@@ -107,6 +107,7 @@ def _assert_same_run(one, other) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     one, two, then_one = tmp_path / "one", tmp_path / "two", tmp_path / "then_one"
     _launch(1, one, tmp_path)

@@ -306,6 +306,7 @@ def test_command_line_errors_exit_2_before_any_run(argv, needle, tmp_path, capsy
 # ---- A real smoke study
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_smoke_study_writes_the_report_and_a_rerun_skips_finished_runs(tmp_path):
     root = tmp_path / "study"
     cmd = [sys.executable, "-m", "tsched.study", "--study=smoke", f"--root={root}", "--parallel=2",

@@ -100,6 +100,7 @@ def test_a_failed_run_is_in_the_table_and_the_exit_code_but_the_others_run(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tiny_sweep_runs_writes_the_table_and_skips_finished_runs(tmp_path):
     fixed = {**TINY, "rl.steps": 2, "sft.steps": 4, "eval.num_problems": 20, "data.data_dir": tmp_path / "tfds"}
     cmd = [sys.executable, "-m", "tsched.sweep", "--config=configs/default.py", "--sweep=rl.credit.strategy=uniform,tp",

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 DATA = {"families": "gcd", "train-size": 2000, "eval-size": 100, "seed": 0, "min-difficulty": 1,
         "max-difficulty": 2}

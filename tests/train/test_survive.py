@@ -125,6 +125,7 @@ def run_chain(ref, name, moments, sig, check=None):
     return launches
 
 
+@pytest.mark.heavy
 def test_sigkill_at_ten_moments_resumes_to_the_uninterrupted_result(ref):
     moments = kill_moments(ref)
     launches = run_chain(ref, "killed", moments, signal.SIGKILL)

@@ -7,12 +7,13 @@ Defaults are the reference shape: decoder with 4 layers, d_model 256, ffn 1024, 
 head_dim 64, vocab 512, tied embeddings (4.07M parameters); 8 prompts x 8 samples, prompt 64 tokens,
 128 new tokens (EOS disabled, so every row runs to full length); no KL reference model; the update in
 4 micro-batches of 16 sequences (`--micro-batches`; exact gradient accumulation, one optimizer step:
-on this CPU, slices of ~3k tokens run faster than the whole 12k-token batch at once).
+on this CPU, slices of ~2-3k tokens run faster than the whole batch at once).
 
 FLOPs (multiply-add = 2), per token of a forward pass with `ctx` visible keys:
     2 * (non-embedding matmul params) + 2 * d_model * vocab + 4 * n_layers * n_heads * head_dim * ctx
-Sampling counts the prefill of the B prompts and every decoded token at its true context length;
-the score pass and the loss forward count all N * (P + T) positions; backward = 2 x forward.
+Sampling counts the prefill of the B prompts and every decoded token at its true context length; the
+score pass and the loss forward count the same, as they run it (each prompt once for its G rows, each
+response token at its context); backward = 2 x forward.
 Peak: a jitted 2048^3 matmul in float32, and with bfloat16 inputs and float32 accumulation.
 
 Response lengths (`--lengths`): `forced` (the default) runs every row to the budget T. `varied` runs
@@ -70,14 +71,10 @@ def forward_flops(cfg: ModelConfig, ctx: float) -> float:
 
 
 def sample_flops(cfg, B, P, lengths) -> float:
-    """Prefill of B prompts of P tokens, then each row's `lengths[i]` decoded tokens."""
+    """B prompts of P tokens, each run once, then each row's `lengths[i]` tokens at their context: the
+    sampler's prefill and decode, and the forward pass of the update over the same rows."""
     prefill = B * sum(forward_flops(cfg, c + 1) for c in range(P))
     return prefill + sum(forward_flops(cfg, P + t + 1) for L in lengths for t in range(L))
-
-
-def sequence_flops(cfg, lengths) -> float:
-    """One forward pass over sequences of `lengths[i]` tokens (causal: position i sees i + 1 keys)."""
-    return sum(forward_flops(cfg, c + 1) for L in lengths for c in range(L))
 
 
 def varied_lengths(T: int, N: int, seed: int) -> np.ndarray:
@@ -140,15 +137,14 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
     t_sample = median_time(do_sample, args.steps)
     completions = jnp.where(jnp.arange(T)[None] < row_lens[:, None], out["tokens"], 0)
     rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
-    tokens, valid, mask = learner.join(prompts, prompt_lens, completions, jnp.asarray(row_lens))
-    adv = rewards - rewards.mean()
-    rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+    prompt, rows = learner.split_batch(prompts, prompt_lens, completions, jnp.asarray(row_lens))
+    rows["adv"] = rewards - rewards.mean()
 
-    score = jax.jit(lambda p: learner.score(cfg.rl, mcfg, p, rows, P)[0])  # the learner's scoring pass
+    score = jax.jit(lambda p: learner.score(cfg.rl, mcfg, p, rows, prompt)[0])  # the learner's scoring pass
     t_score = median_time(lambda: score(params), args.steps)
 
     # the learner's own gradient computation, in `--micro-batches` slices
-    grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), rows, P)[:2])
+    grad = jax.jit(lambda p: learner.policy_gradient(cfg.rl, mcfg, p, None, jnp.float32(0.5), rows, prompt)[:2])
     t_loss = median_time(lambda: grad(params), args.steps)
     grads = grad(params)[1]
     opt_state = tx.init(params)
@@ -175,9 +171,9 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
 
         t_step = median_time(full_step, args.steps)
 
-    f_sample = sample_flops(mcfg, B, P, row_lens)
-    f_fwd = sequence_flops(mcfg, P + row_lens)
-    n_resp, n_seq = int(row_lens.sum()), int((P + row_lens).sum())  # useful tokens
+    f_sample = f_fwd = sample_flops(mcfg, B, P, row_lens)  # the update's forward is the sampler's work
+    n_resp = int(row_lens.sum())
+    n_seq = B * P + n_resp  # useful tokens: each prompt once
     phases = {
         "sample": (t_sample, f_sample, n_resp),
         "score": (t_score, f_fwd, n_seq),

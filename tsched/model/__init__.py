@@ -12,7 +12,7 @@ from tsched.model.hf import load_pretrained, save_pretrained
 from tsched.model.logits import token_stats
 
 __all__ = ["ModelConfig", "Params", "config_from", "pretrained", "init_params", "logical_axes", "forward",
-           "hidden_states", "unembed", "token_stats", "init_cache", "apply_unrolled", "unstack_layers",
+           "hidden_states", "prompt_kv", "unembed", "token_stats", "init_cache", "apply_unrolled", "unstack_layers",
            "positions_from_valid", "load_pretrained", "save_pretrained"]
 
 
@@ -75,17 +75,37 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Arra
     return unembed(cfg, params, hidden_states(cfg, params, tokens, valid))
 
 
-def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array | None = None,
+                  prompt=None) -> jax.Array:
     """Final-normed hidden states [B, T, D] float32 of a full causal pass, before the output projection
-    (`token_stats` takes them to log-probs without the whole logits array)."""
+    (`token_stats` takes them to log-probs without the whole logits array).
+
+    prompt: None, or (keys and values from `prompt_kv`, their validity [Bp, P], rows [B] the prompt of each
+    row): the rows continue their prompts, attending over the prompt's valid tokens and then causally
+    over their own, at positions that go on from the prompt's (equal, on valid tokens, to one pass over
+    the prompt and the row joined, but each prompt's tokens run once for all its rows).
+    """
     T = tokens.shape[1]
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     positions = positions_from_valid(valid)
-    if cfg.scan_layers:
-        return Decoder(cfg).apply({"params": params}, tokens, positions, mask, hidden=True)
-    return decoder.hidden_unrolled(cfg, unstack_layers(params), tokens, positions, mask)[0]
+    if prompt is not None:
+        kv, prompt_valid, rows = prompt
+        prompt_valid = prompt_valid[rows]
+        mask = jnp.concatenate([jnp.broadcast_to(prompt_valid[:, None, :], (*tokens.shape, prompt_valid.shape[1])),
+                                mask], axis=-1)
+        positions = positions + jnp.sum(prompt_valid, -1, dtype=jnp.int32)[:, None]
+        prompt = (kv, rows)
+    return decoder.full_pass(cfg, params, tokens, positions, mask, prompt)[0]
+
+
+def prompt_kv(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array) -> dict:
+    """tokens, valid [B, P] -> the keys and values of every layer over them, {'k': [L, B, K, Dh, P],
+    'v': [L, B, K, P, Dh]} float32: the prompt part of `hidden_states(..., prompt=...)`."""
+    P = tokens.shape[1]
+    mask = jnp.tril(jnp.ones((P, P), bool))[None] & valid[:, None, :]
+    return decoder.full_pass(cfg, params, tokens, positions_from_valid(valid), mask)[1]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> tuple:

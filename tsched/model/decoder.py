@@ -2,8 +2,9 @@
 
 RMSNorm, rotary embeddings (optionally llama3-scaled), grouped-query attention with an optional KV cache,
 optional q/k RMSNorm (Qwen3) and qkv bias (Qwen2), SwiGLU MLP, tied or untied embeddings. Layer
-parameters are stacked on a leading 'layers' axis; full passes run them under `nn.scan` (compile time
-independent of depth) or unrolled (`scan_layers=False`, faster on CPU); cached decoding is unrolled.
+parameters are stacked on a leading 'layers' axis; full passes (`full_pass`) run them under `lax.scan`
+(`scan_layers=True`, compile time independent of depth) or unrolled (faster on CPU), and can continue
+prompts whose keys and values were computed once per prompt; cached decoding is unrolled.
 
 Compute dtype: weights are float32 masters; with `dtype='bfloat16'` matmul inputs are cast to bf16 and
 accumulate in float32 (`preferred_element_type`), which is also the fast path of CPUs with avx512_bf16.
@@ -361,8 +362,11 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, write_index=0, prompt=None):
-        """prompt: None, or for decoding over a shared prompt cache (see `attention_over_prompt`) a pair
-        (this layer's prompt cache {'k', 'v'}, prompt_rows); `mask` then covers the prompt slots too."""
+        """prompt: None, or a pair (this layer's keys and values of a shared prompt {'k', 'v'}, prompt_rows),
+        and `mask` then covers the prompt slots first: with a cache, decoding over the prompt cache (see
+        `attention_over_prompt`); without one, a full pass whose rows continue the prompts (the update's
+        responses), each row attending over its prompt's keys, gathered, and then its own.
+        Returns (x, the updated cache), or without a cache (x, this call's keys and values {'k', 'v'})."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
@@ -383,8 +387,15 @@ class Block(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, Dh, T], [B, K, T, Dh]
+        own = {"k": k, "v": v}
 
-        if cache is not None:
+        if cache is None and prompt is not None:
+            # The prompt's keys and values come from one pass per prompt (tsched.model.prompt_kv), not one
+            # per row: the gather's gradient sums every row's share back onto its prompt.
+            (pkv, rows), prompt = prompt, None
+            k = jnp.concatenate([pkv["k"][rows], k], axis=-1)
+            v = jnp.concatenate([pkv["v"][rows], v], axis=-2)
+        elif cache is not None:
             # Write this call's keys/values at `write_index` and attend over every slot; `mask` hides
             # slots not written yet. The sampler carries the cache through its loop, so this is in place.
             write = lambda c, x, at: jax.lax.dynamic_update_slice(c, to_cache(x, c.dtype), at)
@@ -414,7 +425,7 @@ class Block(nn.Module):
         # rather than the [T, F] activation (see _einsum_bwd).
         x = x + mm("btf,df->btd", jax.nn.silu(gate) * up,
                    _param(self, "down", (D, F), ("embed", "mlp"), F, out_scale, draw_transposed=True), dt)
-        return pin_rows(x), cache
+        return pin_rows(x), own if cache is None else cache
 
 
 def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
@@ -425,7 +436,8 @@ def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
 
 
 class Decoder(nn.Module):
-    """The full causal pass with layers under `nn.scan`; it also defines the (stacked) parameters."""
+    """Defines the (stacked) parameters: `tsched.model.init_params` runs this causal pass once, layers under
+    `nn.scan`. Passes over given parameters go through `full_pass` and `hidden_unrolled`."""
 
     cfg: ModelConfig
 
@@ -458,33 +470,61 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], params["layers"]) for i in range(n_layers))}
 
 
-def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0,
-                   prompt=None):
-    """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache or None)."""
+def full_pass(cfg: ModelConfig, params: Params, tokens, positions, mask, prompt=None):
+    """The decoder up to the final norm over all tokens at once (training, scoring), on the stacked
+    parameters of `Decoder.init`: layers under `lax.scan` with `cfg.scan_layers` (compile time independent
+    of depth), else unrolled (faster on CPU: no stacked residual buffers).
+
+    tokens, positions [B, T]; mask [B, T, S] bool, S = T, or P + T after a shared prompt. prompt: None, or
+    (the prompts' keys and values stacked over layers {'k': [L, Bp, K, Dh, P], 'v': [L, Bp, K, P, Dh]}, as
+    this function returns them for the prompts, rows [B] the prompt of each row). Returns (final-normed
+    hidden states [B, T, D] float32, this pass's keys and values {'k': [L, B, K, Dh, T], 'v': [L, B, K, T, Dh]};
+    unused ones cost nothing, XLA drops them).
+    """
+    x = jnp.take(params["embedding"], tokens, axis=0)
+    block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
+    rows = None if prompt is None else prompt[1]
+
+    def layer(x, layer_params, layer_prompt):
+        return block.apply({"params": layer_params}, x, positions, mask,
+                           prompt=None if layer_prompt is None else (layer_prompt, rows))
+
+    prompt_kv = None if prompt is None else prompt[0]
+    if cfg.scan_layers:
+        x, kv = jax.lax.scan(lambda x, layer_in: layer(x, *layer_in), x, (params["layers"], prompt_kv))
+    else:
+        kvs = []
+        for i in range(jax.tree.leaves(params["layers"])[0].shape[0]):
+            at = lambda tree: jax.tree.map(lambda a: a[i], tree)
+            x, layer_kv = layer(x, at(params["layers"]), None if prompt_kv is None else at(prompt_kv))
+            kvs.append(layer_kv)
+        kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), kv
+
+
+def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None):
+    """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache)."""
     x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt)
     return unembed(cfg, params, x), cache
 
 
-def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache=None, write_index=0,
-                    prompt=None):
-    """The decoder up to the final norm, with layers unrolled in Python over `params` from `unstack_layers`.
+def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None):
+    """Cached decoding (the sampler's prefill and decode steps), with layers unrolled in Python over
+    `params` from `unstack_layers`.
 
-    tokens, positions [B, T]; mask [B, T, S] bool. Without a cache S = T (a full pass); with one, the
-    tokens are written at slot `write_index` of a cache that is a tuple over layers of
-    {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden states [B, T, D], updated
-    cache or None). prompt: None, or (prompt cache, prompt_rows) for decoding over a shared prompt cache
-    (tuple over layers like `cache`; see `attention_over_prompt`).
+    tokens, positions [B, T]; mask [B, T, S] bool; the tokens are written at slot `write_index` of a cache
+    that is a tuple over layers of {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden
+    states [B, T, D], updated cache). prompt: None, or (prompt cache, prompt_rows) for decoding over a
+    shared prompt cache (tuple over layers like `cache`; see `attention_over_prompt`).
     Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
-    and re-stack the whole cache on every token; a full pass keeps each layer's residuals in their own
-    buffers rather than zero-filled stacks. Compile time grows with depth (see `scan_layers`).
+    and re-stack the whole cache on every token.
     """
     x = jnp.take(params["embedding"], tokens, axis=0)
     block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
-    caches = [None] * len(params["layers"]) if cache is None else cache
-    prompts = [None] * len(caches) if prompt is None else [(pc, prompt[1]) for pc in prompt[0]]
+    prompts = [None] * len(cache) if prompt is None else [(pc, prompt[1]) for pc in prompt[0]]
     new_cache = []
-    for layer_params, layer_cache, layer_prompt in zip(params["layers"], caches, prompts, strict=True):
+    for layer_params, layer_cache, layer_prompt in zip(params["layers"], cache, prompts, strict=True):
         x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index,
                                      layer_prompt)
         new_cache.append(layer_cache)
-    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), None if cache is None else tuple(new_cache)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), tuple(new_cache)

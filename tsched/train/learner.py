@@ -8,9 +8,9 @@ State (everything a resume needs besides the data iterator): {'params', 'opt_sta
 `state['step']` is the one step counter of a run: the update computes the schedule at
 `state['step'] + 1` (the paper's counter starts at 1), and the trainer derives the same number from
 the state for sampling keys, prompt transforms, logs and checkpoints.
-Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G. The model
-runs over micro-batches of length-sorted rows, each at a padded response length (`rl.length_buckets`)
-that holds its rows, so the update's cost follows the real response lengths (`policy_gradient`).
+Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G. The update's
+cost follows the real tokens (`policy_gradient`): each prompt runs once for its G rows, and the rows run
+in micro-batches of similar lengths, each at a padded response length (`rl.length_buckets`) that holds them.
 """
 
 from __future__ import annotations
@@ -81,13 +81,12 @@ def step_keys(rng_data, step):
 
 
 def join(prompts, prompt_lens, completions, lengths):
-    """-> tokens [N, P+T], valid [N, P+T], response_mask [N, T], with prompts repeated to N rows."""
-    G = completions.shape[0] // prompts.shape[0]
-    P, T = prompts.shape[1], completions.shape[1]
-    prompts, prompt_lens = jnp.repeat(prompts, G, axis=0), jnp.repeat(prompt_lens, G)
-    response_mask = jnp.arange(T)[None, :] < lengths[:, None]
-    valid = jnp.concatenate([jnp.arange(P)[None, :] >= (P - prompt_lens)[:, None], response_mask], axis=1)
-    return jnp.concatenate([prompts, completions], axis=1), valid, response_mask
+    """-> tokens [N, P+T], valid [N, P+T], response_mask [N, T]: each row with its prompt in front (SFT;
+    the RL update runs each prompt once instead, `split_batch`)."""
+    prompt, rows = split_batch(prompts, prompt_lens, completions, lengths)
+    group, mask = rows["group"], rows["mask"]
+    return (jnp.concatenate([prompt["tokens"][group], completions], axis=1),
+            jnp.concatenate([prompt["valid"][group], mask], axis=1), mask)
 
 
 def token_stats(model_cfg, params, tokens, valid, P: int, temperature: float = 1.0):
@@ -176,57 +175,97 @@ def per_bucket(buckets: tuple[int, ...], f):
     return lambda i, *args: jax.lax.switch(i, branches, *args)
 
 
-def bucketed_stats(model_cfg, params, tokens, valid, P: int, T: int, L: int, temperature: float):
-    """`token_stats` of a micro-batch run at response length L (its first P + L columns): log-probs and
-    entropies zero-padded back to [R, T]. Causal attention makes positions < L independent of the columns
-    cut off, so on the rows' valid tokens this is the padded computation; the loss then sees [R, T]
-    arrays exactly as in it (normalisers, token orders, random draws over T are unchanged)."""
-    logp, entropy = token_stats(model_cfg, params, tokens[:, :P + L], valid[:, :P + L], P, temperature)
+def split_batch(prompts, prompt_lens, completions, lengths) -> tuple[dict, dict]:
+    """The update's view of a rollout batch: each prompt once, and the rows that continue it.
+
+    prompts [B, P] left-padded, prompt_lens [B], completions [N, T] right-padded, lengths [N], N = B * G ->
+    (prompt {'tokens', 'valid' [B, P]}, rows {'completions' [N, T], 'mask' [N, T] the response tokens,
+    'group' [N] the prompt of each row}). Further per-row arrays ('adv', ...) go into `rows`; mini-batches
+    and micro-batches index rows, never the prompts.
+    """
+    B, P = prompts.shape
+    N, T = completions.shape
+    prompt = {"tokens": prompts, "valid": jnp.arange(P)[None, :] >= (P - prompt_lens)[:, None]}
+    rows = {"completions": completions, "mask": jnp.arange(T)[None, :] < lengths[:, None],
+            "group": jnp.arange(N, dtype=jnp.int32) // (N // B)}
+    return prompt, rows
+
+
+def prefix_kv(model_cfg, params, prompt: dict) -> dict:
+    """Keys and values of every prompt's first P - 1 tokens (`tsched.model.prompt_kv`), computed once per
+    prompt for all its rows; the last prompt token runs with each row (`response_stats`), because its
+    hidden state predicts the row's first token. None for one-token prompts (nothing precedes that token)."""
+    if prompt["tokens"].shape[1] == 1:
+        return None
+    return model_lib.prompt_kv(model_cfg, params, prompt["tokens"][:, :-1], prompt["valid"][:, :-1])
+
+
+def response_stats(model_cfg, params, kv, prompt: dict, rows: dict, L: int, temperature: float):
+    """Log-probs and entropies [R, T] of rows' completion tokens under `params`, run at response length L.
+
+    kv: `prefix_kv(params)`; rows: {'completions', 'mask' [R, T], 'group' [R]} (see `split_batch`). The
+    model runs over each row's last prompt token and its first L - 1 completion tokens, after its prompt's
+    keys and values: on the valid tokens this is the pass over the prompt and the row joined. Past L the
+    results are zero: causal attention makes positions < L independent of the columns cut off, so the loss
+    sees [R, T] arrays exactly as in the padded computation (normalisers, token orders, random draws
+    over T unchanged).
+    """
+    group, completions, mask = rows["group"], rows["completions"], rows["mask"]
+    R, T = completions.shape
+    tokens = jnp.concatenate([prompt["tokens"][group, -1:], completions[:, :L - 1]], axis=1)  # [R, L]
+    valid = jnp.concatenate([jnp.ones((R, 1), bool), mask[:, :L - 1]], axis=1)
+    h = model_lib.hidden_states(model_cfg, params, tokens, valid,
+                                None if kv is None else (kv, prompt["valid"][:, :-1], group))
+    logp, entropy = model_lib.token_stats(model_cfg, params, h, completions[:, :L], temperature, model_cfg.logits_chunk)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, T - L)))
     return pad(logp), pad(entropy)
 
 
-def score(rl, model_cfg, params, rows: dict, P: int):
+def score(rl, model_cfg, params, rows: dict, prompt: dict):
     """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
     them), in `rl.micro_batches` slices grouped and bucketed by length as the update runs them (zero past
     each row's bucket): the old policy of several updates per rollout."""
-    tokens, valid, mask = rows["tokens"], rows["valid"], rows["mask"]
-    N, T = mask.shape
+    N, T = rows["mask"].shape
     buckets = bucket_lengths(T, rl.length_buckets)
-    order, bucket = length_groups(mask, rl.micro_batches, buckets)
-    stats = per_bucket(buckets, lambda L, tokens, valid: bucketed_stats(model_cfg, params, tokens, valid, P, T, L,
-                                                                         rl.temperature))
-    logp, entropy = jax.lax.map(lambda x: stats(*x), (bucket, grouped(tokens, order), grouped(valid, order)))
+    order, bucket = length_groups(rows["mask"], rl.micro_batches, buckets)
+    kv = prefix_kv(model_cfg, params, prompt)
+    stats = per_bucket(buckets, lambda L, mb: response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature))
+    mbs = jax.tree.map(lambda x: grouped(x, order), {k: rows[k] for k in ("completions", "mask", "group")})
+    logp, entropy = jax.lax.map(lambda x: stats(*x), (bucket, mbs))
     back = lambda x: jnp.zeros((N, T), x.dtype).at[order.reshape(-1)].set(x.reshape(N, T))  # to row order
     return back(logp), back(entropy)
 
 
-def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, key=None):
+def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: dict, key=None):
     """Loss, gradient and metric sums of the scheduled objective, accumulated over `rl.micro_batches`.
 
-    rows: per-row arrays {'tokens', 'valid' [N, P+T], 'mask' [N, T], 'adv' [N]} and optionally
-    'sample_logp' (the sampler's log-probs, for the mismatch metric), 'old_logp' and 'old_entropy'
-    [N, T] (the sampling policy's, when it is not the current one); r the schedule magnitude; key a
-    PRNG key for losses that draw at random (folded with the micro-batch index). Returns (loss, grads,
-    sums) with loss and grads normalised by the denominator summed over all micro-batches, so the
-    result equals one pass over the whole batch for every aggregation mode.
+    prompt, rows: as `split_batch` gives them, rows with 'adv' [N] and optionally 'sample_logp' (the
+    sampler's log-probs, for the mismatch metric), 'old_logp' and 'old_entropy' [N, T] (the sampling
+    policy's, when it is not the current one); r the schedule magnitude; key a PRNG key for losses that
+    draw at random (folded with the micro-batch index). Returns (loss, grads, sums) with loss and grads
+    normalised by the denominator summed over all micro-batches, so the result equals one pass over the
+    whole batch for every aggregation mode.
 
-    Cost follows the real lengths: micro-batches are rows of consecutive lengths (`length_groups`), and
-    each runs the model at its length bucket (`rl.length_buckets`) under `lax.switch`, one branch per
-    bucket, so every bucket shape is compiled once into the one step. Only the model runs shorter: the
-    loss sees the [R, T] arrays of the padded computation (`bucketed_stats`), so its value and gradient
-    do not depend on the buckets (tested against `rl.length_buckets=1`, every micro-batch at T).
-    Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope, clip_cov, kl_cov) take
-    them over these length-sorted micro-batches.
+    Cost follows the real tokens. Each prompt runs once (`prefix_kv`), not once per sampled row: the
+    micro-batches take gradients with respect to the parameters and the prompts' keys and values, and the
+    summed key/value cotangents go back through the one prompt pass at the end (its `jax.vjp`). The rows
+    are grouped by length into micro-batches (`length_groups`), each run at its length bucket
+    (`rl.length_buckets`) under `lax.switch`, one branch per bucket, so every bucket shape is compiled once
+    into the one step. Only the model runs shorter: the loss sees the [R, T] arrays of the padded
+    computation (`response_stats`), so its value and gradient equal one pass over the joined rows at full
+    length (tested). Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope,
+    clip_cov, kl_cov) take them over these length-sorted micro-batches.
     """
     M, T = rl.micro_batches, rows["mask"].shape[1]
     buckets = bucket_lengths(T, rl.length_buckets)
     order, bucket = length_groups(rows["mask"], M, buckets)
+    kv, kv_vjp = jax.vjp(lambda p: prefix_kv(model_cfg, p, prompt), params)
+    ref_kv = None if ref_params is None else prefix_kv(model_cfg, ref_params, prompt)
 
-    def micro(L, params, mb):
-        stats = lambda p: bucketed_stats(model_cfg, p, mb["tokens"], mb["valid"], P, T, L, rl.temperature)
-        logp, entropy = stats(params)
-        ref_logp = None if ref_params is None else stats(ref_params)[0]
+    def micro(L, params, kv, mb):
+        logp, entropy = response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature)
+        ref_logp = None if ref_params is None else response_stats(model_cfg, ref_params, ref_kv, prompt, mb, L,
+                                                                  rl.temperature)[0]
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
         num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
                                                old_logp=mb.get("old_logp"), key=mb_key,
@@ -234,16 +273,18 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, P: int, ke
         return num, (den, sums)
 
     mbs = {**jax.tree.map(lambda x: grouped(x, order), rows), "index": jnp.arange(M), "bucket": bucket}
-    run = per_bucket(buckets, lambda L, mb: jax.value_and_grad(functools.partial(micro, L), has_aux=True)(params, mb))
+    grad = lambda L, mb: jax.value_and_grad(functools.partial(micro, L), (0, 1), has_aux=True)(params, kv, mb)
+    run = per_bucket(buckets, grad)
 
     def body(carry, mb):
         (n, (d, s)), g = run(mb["bucket"], mb)
         return jax.tree.map(jnp.add, carry, (g, n, d, s)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, (params, kv))
     first = jax.tree.map(lambda x: x[0], mbs)
-    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, first)[1][1]))
-    (grads, num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, kv, first)[1][1]))
+    ((g_params, g_kv), num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
+    grads = jax.tree.map(jnp.add, g_params, kv_vjp(g_kv)[0])
     den = jnp.maximum(den, 1e-8)
     return num / den, jax.tree.map(lambda g: g / den, grads), sums
 
@@ -272,24 +313,24 @@ def make_rl_step(cfg, model_cfg, tx, mesh=None):
 
     def rl_step(state, ref_params, batch):
         prompts, lengths, rewards = batch["prompts"], batch["lengths"], batch["rewards"]
-        P = prompts.shape[1]
         step = state["step"] + 1
         r = schedules.magnitude(step, rl.schedule)
         key = step_keys(state["rng"], step)[1] if "rng" in state else None
         adv, zero_var = adv_lib.compute(rewards, rl.group_size, rl.advantage)
-        tokens, valid, mask = join(prompts, batch["prompt_lens"], batch["completions"], lengths)
-        rows = {"tokens": tokens, "valid": valid, "mask": mask, "adv": adv}
+        prompt, rows = split_batch(prompts, batch["prompt_lens"], batch["completions"], lengths)
+        rows["adv"] = adv
         extra = {}
         if E * MB == 1:
             if "sample_logp" in batch:
                 rows["sample_logp"] = batch["sample_logp"]
-            loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, rows, P, key)
+            loss, grads, sums = policy_gradient(rl, model_cfg, state["params"], ref_params, r, rows, prompt, key)
             new_state = _apply(tx, state, grads)
             grad_norm = optax.global_norm(grads)
         else:
-            rows["old_logp"], rows["old_entropy"] = score(rl, model_cfg, state["params"], rows, P)
-            new_state, loss, grad_norm, sums = _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key)
+            rows["old_logp"], rows["old_entropy"] = score(rl, model_cfg, state["params"], rows, prompt)
+            new_state, loss, grad_norm, sums = _updates(rl, model_cfg, tx, state, ref_params, r, rows, prompt, key)
             if "sample_logp" in batch:  # sampler vs the learner's scoring pass, before any update
+                mask = rows["mask"]
                 gap = jnp.abs(rows["old_logp"] - batch["sample_logp"]) * mask
                 extra["logp_mismatch"] = jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
@@ -315,7 +356,7 @@ def needs_reference(cfg) -> bool:
     return cfg.rl.kl_coef > 0 or cfg.train.kl_metrics
 
 
-def _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key):
+def _updates(rl, model_cfg, tx, state, ref_params, r, rows, prompt, key):
     """`rl.epochs` x `rl.mini_batches` optimizer steps over `rows` (with 'old_logp' / 'old_entropy'), one
     `lax.scan`. -> (state, mean loss, mean grad norm, summed metric sums). The state's step advances once."""
     E, MB = rl.epochs, rl.mini_batches
@@ -328,7 +369,7 @@ def _updates(rl, model_cfg, tx, state, ref_params, r, rows, P, key):
         params, opt_state = carry
         idx, i = x
         mb = jax.tree.map(lambda a: a[idx], rows)
-        loss, grads, sums = policy_gradient(rl, model_cfg, params, ref_params, r, mb, P, jax.random.fold_in(key, i))
+        loss, grads, sums = policy_gradient(rl, model_cfg, params, ref_params, r, mb, prompt, jax.random.fold_in(key, i))
         upd, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, upd), opt_state), (loss, optax.global_norm(grads), sums)
 
