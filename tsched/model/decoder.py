@@ -329,8 +329,10 @@ def attention_over_prompt(q: jax.Array, prompt_k: jax.Array, prompt_v: jax.Array
         prompt_scores = rowwise(bmm(grouped(q), prompt_k, dtype))
         prompt_out = lambda p: rowwise(bmm(grouped(p), prompt_v, dtype))
     else:
-        prompt_scores = bmm(q, prompt_k[prompt_rows], dtype)
-        prompt_out = lambda p: bmm(p, prompt_v[prompt_rows], dtype)
+        # Batched matmuls, not `bmm`'s multiply-reduce: with a gathered operand XLA:CPU fused that into a
+        # loop 10x slower (at the reference shape, 32 rows: 6.1 ms per layer and step against 0.53 ms).
+        prompt_scores = mm("bkqm,bkmn->bkqn", q, prompt_k[prompt_rows], dtype)
+        prompt_out = lambda p: mm("bkqm,bkmn->bkqn", p, prompt_v[prompt_rows], dtype)
     scores = jnp.concatenate([prompt_scores, bmm(q, k, dtype)], axis=-1) / math.sqrt(Dh)
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, NEG_INF), axis=-1)
     return prompt_out(probs[..., :P]) + bmm(probs[..., P:], v, dtype)
