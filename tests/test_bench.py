@@ -32,6 +32,7 @@ def test_rl_bench_smoke_accounts_flops_and_tokens_beside_hf_and_trl(tmp_path):
     fwd = B * sum(forward_flops(c + 1) for c in range(P)) + B * G * sum(forward_flops(P + t + 1) for t in range(T))
     want = {"sample": fwd, "score": fwd, "loss": 3 * fwd, "rl_step": 4 * fwd}
     assert [r["dtype"] for r in data["results"]] == ["float32", "bfloat16"]
+    assert "varied / forced" not in out and not any("rl_step_vs_forced" in r for r in data["results"])
     for r in data["results"]:
         phases = r["phases"]
         assert set(phases) == {"sample", "score", "verify", "loss", "optimizer", "rl_step"}

@@ -229,7 +229,8 @@ def main(argv=None):
         for k, p in r["phases"].items():
             print(f"{r['dtype']:<9} {k:<10} {p['median_s']:>9.3f} {p['gflop']:>7.1f} {p['gflops']:>8.1f} "
                   f"{p['pct_peak']:>6.1f}% {p['tokens_per_s']:>9.0f}")
-    for forced, varied in zip(results[::len(runs)], results[1::len(runs)]):  # pairs only with --lengths=varied
+    pairs = zip(results[::2], results[1::2]) if len(runs) == 2 else ()  # (forced, varied) with --lengths=varied
+    for forced, varied in pairs:
         varied["rl_step_vs_forced"] = varied["rl_step_s"] / forced["rl_step_s"]
         ratios = ", ".join(f"{k} {varied['phases'][k]['median_s'] / forced['phases'][k]['median_s']:.2f}"
                            for k in ("sample", "score", "verify", "loss"))
