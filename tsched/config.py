@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # compute dtype of matmul inputs; accumulation and weights stay float32
     c.model.remat = False
-    c.model.scan_layers = False  # nn.scan over layers in full passes: True for deep models (compile time)
+    c.model.scan_layers = False  # lax.scan over layers in full passes: True for deep models (compile time)
     # Memory at long sequences / large vocabularies, 0 = off (fastest at this tiny shape). A 4B model with
     # 4k-token responses: logits_chunk 512 (log-probs without the [N, T, V] logits), attn_block 512.
     c.model.logits_chunk = 0  # positions per chunk of the update's log-prob / entropy computation

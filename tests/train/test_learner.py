@@ -454,6 +454,8 @@ def test_prompt_once_update_equals_the_joined_rows(tiny_model_cfg, tiny_params, 
     mcfg = dataclasses.replace(tiny_model_cfg, **variant)
     data = batch(mcfg.vocab_size, seed=14)
     data["prompts"], data["prompt_lens"] = data["prompts"][:, P - prompt_len:], jnp.minimum(data["prompt_lens"], prompt_len)
+    if prompt_len > 1:  # left padding, and a one-token prompt in a batch of longer ones
+        assert sorted(np.asarray(data["prompt_lens"]).tolist()) == [1, 5]
     cfg = make_cfg(micro_batches=2, length_buckets=3, **{"credit.strategy": "entropy_adv"})
     r = jnp.float32(0.3)
     adv = jnp.asarray(np_grpo(data["rewards"]))
@@ -480,9 +482,13 @@ def test_prompt_once_update_equals_the_joined_rows(tiny_model_cfg, tiny_params, 
                  grads, want)
 
 
-def test_the_update_runs_each_prompt_once(tiny_model_cfg, tiny_params, monkeypatch):
-    """The model's prompt pass sees the B prompts (their first P - 1 tokens), and the row passes only each
-    row's last prompt token and its completion: nothing of size N x P."""
+@pytest.mark.parametrize("rl,row_counts", [({"micro_batches": 2}, {B * G // 2}),
+                                            ({"micro_batches": 2, "epochs": 2, "mini_batches": 2}, {B * G // 2, B * G // 4})],
+                         ids=["on-policy", "scored-epochs-minibatches"])
+def test_the_update_runs_each_prompt_once(tiny_model_cfg, tiny_params, monkeypatch, rl, row_counts):
+    """The model's prompt passes (of the policy, the reference policy and the scoring pass) see the B
+    prompts (their first P - 1 tokens), and the row passes only each row's last prompt token and its
+    completion, in micro-batches: nothing of size N x P."""
     shapes = []
     real = learner.model_lib.hidden_states
     monkeypatch.setattr(learner.model_lib, "hidden_states", lambda cfg, params, tokens, *a: (
@@ -490,9 +496,9 @@ def test_the_update_runs_each_prompt_once(tiny_model_cfg, tiny_params, monkeypat
     real_kv = learner.model_lib.prompt_kv
     monkeypatch.setattr(learner.model_lib, "prompt_kv", lambda cfg, params, tokens, *a: (
         shapes.append(("prompt", tokens.shape)), real_kv(cfg, params, tokens, *a))[1])
-    cfg = make_cfg(micro_batches=2, length_buckets=1)
-    run_step(cfg, tiny_model_cfg, tiny_params, batch(tiny_model_cfg.vocab_size), with_ref=False)
-    assert sorted(set(shapes)) == [("prompt", (B, P - 1)), ("rows", (B * G // 2, T))]
+    cfg = make_cfg(length_buckets=1, **rl)
+    run_step(cfg, tiny_model_cfg, tiny_params, batch(tiny_model_cfg.vocab_size))
+    assert set(shapes) == {("prompt", (B, P - 1))} | {("rows", (n, T)) for n in row_counts}
 
 
 # ---- Update cost that follows response lengths: length-sorted micro-batches at bucketed lengths.

@@ -12,8 +12,9 @@ on this CPU, slices of ~2-3k tokens run faster than the whole batch at once).
 FLOPs (multiply-add = 2), per token of a forward pass with `ctx` visible keys:
     2 * (non-embedding matmul params) + 2 * d_model * vocab + 4 * n_layers * n_heads * head_dim * ctx
 Sampling counts the prefill of the B prompts and every decoded token at its true context length; the
-score pass and the loss forward count the same, as they run it (each prompt once for its G rows, each
-response token at its context); backward = 2 x forward.
+score pass and the loss forward count the same useful work (each prompt once for its G rows, as they run
+it, and each response token at its context; not the padding of length buckets, nor each row's rerun of
+its prompt's last token); backward = 2 x forward.
 Peak: a jitted 2048^3 matmul in float32, and with bfloat16 inputs and float32 accumulation.
 
 Response lengths (`--lengths`): `forced` (the default) runs every row to the budget T. `varied` runs
@@ -171,7 +172,7 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
 
         t_step = median_time(full_step, args.steps)
 
-    f_sample = f_fwd = sample_flops(mcfg, B, P, row_lens)  # the update's forward is the sampler's work
+    f_sample = f_fwd = sample_flops(mcfg, B, P, row_lens)  # the update's useful forward is the sampler's work
     n_resp = int(row_lens.sum())
     n_seq = B * P + n_resp  # useful tokens: each prompt once
     phases = {

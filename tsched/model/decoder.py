@@ -50,8 +50,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     remat: bool = False
-    # Full passes (training, scoring) run the layers under nn.scan (compile time independent of depth)
-    # or unrolled (faster on CPU: no stacked residual buffers). Cached decoding is always unrolled.
+    # Full passes (training, scoring; `full_pass`) run the layers under lax.scan (compile time independent
+    # of depth) or unrolled (faster on CPU: no stacked residual buffers). Cached decoding is always unrolled.
     scan_layers: bool = False
     # Memory of full passes at long sequence lengths and large vocabularies (0 = off, the fastest for
     # small shapes): the update computes log-probs `logits_chunk` positions at a time without the whole
@@ -353,7 +353,8 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer. Returns the new residual stream and the updated layer cache.
+    """One pre-norm decoder layer. Returns the new residual stream and the updated layer cache (without a
+    cache: this call's keys and values).
 
     Keys are kept as [B, K, Dh, S] and values as [B, K, S, Dh], with or without a cache: both attention
     contractions then read their operand in the layout XLA:CPU's matmul wants, which made single-token
@@ -444,9 +445,8 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, hidden: bool = False):
-        """tokens, positions [B, T]; mask [B, T, T] bool -> logits [B, T, V] float32, or with `hidden` the
-        final-normed hidden states [B, T, D] float32 (see `unembed`)."""
+    def __call__(self, tokens, positions, mask):
+        """tokens, positions [B, T]; mask [B, T, T] bool -> logits [B, T, V] float32."""
         cfg = self.cfg
         params = {"embedding": _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1,
                                       0.02)}
@@ -459,7 +459,7 @@ class Decoder(nn.Module):
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if not cfg.tie_embeddings:
             params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model)
-        return x if hidden else unembed(cfg, params, x)
+        return unembed(cfg, params, x)
 
 
 def unstack_layers(params: Params) -> Params:
