@@ -34,6 +34,7 @@ def get_config():
     c.rl.prompts_per_step = 64
     c.rl.group_size = 8
     c.rl.micro_batches = 512  # one sequence per micro-batch
+    c.rl.prompt_pass = "per_row"  # the prompts' keys and values of all 64 prompts at once do not fit (tsched.plan)
     c.rl.prompts_per_pass = 4  # the sampler's KV caches: 32 sequences at a time
     c.rl.lr = 1e-6
     c.rl.temperature = 1.2

@@ -141,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
     # n padded lengths max_new_tokens / 2^k (k < n) holding them, each shape compiled once (tsched.train.learner).
     # 1 = every micro-batch at max_new_tokens; pays with micro_batches > 1 and responses well below the budget.
     c.rl.length_buckets = 1
+    # Where the update runs the prompts (tsched.train.learner.micro_stats): once per update for all the
+    # rows sampled from them (least compute), or per_row inside each micro-batch (memory bounded by the
+    # micro-batch: long prompts with one sequence per micro-batch, configs/qwen3_4b_tpu.py).
+    c.rl.prompt_pass = "once"
     c.rl.advantage = "grpo"
     c.rl.loss = "ppo"
     c.rl.clip_low = 0.2
@@ -312,11 +316,13 @@ def _registries() -> dict:
     from tsched.model.decoder import COMPUTE_DTYPES
     from tsched.rl import advantages, credit, losses, objective, schedules
     from tsched.sampling.sampler import CACHE_DTYPES
+    from tsched.train.learner import PROMPT_PASSES
     from tsched.verify.verifiers import VERIFIERS
 
     return {
         "model.dtype": COMPUTE_DTYPES,
         "rl.cache_dtype": CACHE_DTYPES,
+        "rl.prompt_pass": PROMPT_PASSES,
         "rl.advantage": advantages.ESTIMATORS,
         "rl.loss": losses.TOKEN_LOSSES,
         "rl.aggregation": losses.AGGREGATIONS,

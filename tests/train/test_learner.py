@@ -443,20 +443,22 @@ def test_epochs_visit_the_rows_in_fresh_orders_from_the_step_key(tiny_model_cfg,
 
 # ---- Each prompt runs once per update, not once per sampled row.
 
-@pytest.mark.parametrize("variant,prompt_len", [
-    ({}, P), pytest.param({"scan_layers": True}, P, marks=SLOW),
-    pytest.param({"remat": True, "logits_chunk": 3, "attn_block": 4}, P, marks=SLOW), pytest.param({}, 1, marks=SLOW),
-], ids=["unrolled", "scan_layers", "remat-chunked", "one-token-prompts"])
-def test_prompt_once_update_equals_the_joined_rows(tiny_model_cfg, tiny_params, variant, prompt_len):
+@pytest.mark.parametrize("variant,prompt_len,prompt_pass", [
+    ({}, P, "once"), pytest.param({}, P, "per_row"), pytest.param({"scan_layers": True}, P, "once", marks=SLOW),
+    pytest.param({"remat": True, "logits_chunk": 3, "attn_block": 4}, P, "once", marks=SLOW),
+    pytest.param({}, 1, "once", marks=SLOW), pytest.param({"scan_layers": True}, 1, "per_row", marks=SLOW),
+], ids=["unrolled", "per_row", "scan_layers", "remat-chunked", "one-token-prompts", "per_row-scan-one-token"])
+def test_prompt_once_update_equals_the_joined_rows(tiny_model_cfg, tiny_params, variant, prompt_len, prompt_pass):
     """policy_gradient and score (each prompt's keys and values computed once, its rows after them, in
-    length-bucketed micro-batches) against one pass over every row joined to its prompt at full length:
-    the same log-probs and entropies on the response tokens, loss and gradient."""
+    length-bucketed micro-batches; or with rl.prompt_pass=per_row each row's prompt in its micro-batch)
+    against one pass over every row joined to its prompt at full length: the same log-probs and entropies
+    on the response tokens, loss and gradient."""
     mcfg = dataclasses.replace(tiny_model_cfg, **variant)
     data = batch(mcfg.vocab_size, seed=14)
     data["prompts"], data["prompt_lens"] = data["prompts"][:, P - prompt_len:], jnp.minimum(data["prompt_lens"], prompt_len)
     if prompt_len > 1:  # left padding, and a one-token prompt in a batch of longer ones
         assert sorted(np.asarray(data["prompt_lens"]).tolist()) == [1, 5]
-    cfg = make_cfg(micro_batches=2, length_buckets=3, **{"credit.strategy": "entropy_adv"})
+    cfg = make_cfg(micro_batches=2, length_buckets=3, prompt_pass=prompt_pass, **{"credit.strategy": "entropy_adv"})
     r = jnp.float32(0.3)
     adv = jnp.asarray(np_grpo(data["rewards"]))
     tokens, valid, mask = learner.join(data["prompts"], data["prompt_lens"], data["completions"], data["lengths"])
@@ -482,13 +484,17 @@ def test_prompt_once_update_equals_the_joined_rows(tiny_model_cfg, tiny_params, 
                  grads, want)
 
 
-@pytest.mark.parametrize("rl,row_counts", [({"micro_batches": 2}, {B * G // 2}),
-                                            ({"micro_batches": 2, "epochs": 2, "mini_batches": 2}, {B * G // 2, B * G // 4})],
-                         ids=["on-policy", "scored-epochs-minibatches"])
-def test_the_update_runs_each_prompt_once(tiny_model_cfg, tiny_params, monkeypatch, rl, row_counts):
+@pytest.mark.parametrize("rl,want", [
+    ({"micro_batches": 2}, {("prompt", (B, P - 1)), ("rows", (B * G // 2, T))}),
+    ({"micro_batches": 2, "epochs": 2, "mini_batches": 2},
+     {("prompt", (B, P - 1)), ("rows", (B * G // 2, T)), ("rows", (B * G // 4, T))}),
+    ({"micro_batches": 2, "prompt_pass": "per_row"}, {("rows", (B * G // 2, P + T))}),
+], ids=["on-policy", "scored-epochs-minibatches", "per_row"])
+def test_where_the_update_runs_the_prompts(tiny_model_cfg, tiny_params, monkeypatch, rl, want):
     """The model's prompt passes (of the policy, the reference policy and the scoring pass) see the B
     prompts (their first P - 1 tokens), and the row passes only each row's last prompt token and its
-    completion, in micro-batches: nothing of size N x P."""
+    completion, in micro-batches: nothing of size N x P. With rl.prompt_pass=per_row each micro-batch
+    runs its rows joined to their prompts instead."""
     shapes = []
     real = learner.model_lib.hidden_states
     monkeypatch.setattr(learner.model_lib, "hidden_states", lambda cfg, params, tokens, *a: (
@@ -498,7 +504,7 @@ def test_the_update_runs_each_prompt_once(tiny_model_cfg, tiny_params, monkeypat
         shapes.append(("prompt", tokens.shape)), real_kv(cfg, params, tokens, *a))[1])
     cfg = make_cfg(length_buckets=1, **rl)
     run_step(cfg, tiny_model_cfg, tiny_params, batch(tiny_model_cfg.vocab_size))
-    assert set(shapes) == {("prompt", (B, P - 1))} | {("rows", (n, T)) for n in row_counts}
+    assert set(shapes) == want
 
 
 # ---- Update cost that follows response lengths: length-sorted micro-batches at bucketed lengths.

@@ -191,6 +191,9 @@ def split_batch(prompts, prompt_lens, completions, lengths) -> tuple[dict, dict]
     return prompt, rows
 
 
+PROMPT_PASSES = ("once", "per_row")  # `rl.prompt_pass`, see `micro_stats`
+
+
 def prefix_kv(model_cfg, params, prompt: dict) -> dict:
     """Keys and values of every prompt's first P - 1 tokens (`tsched.model.prompt_kv`), computed once per
     prompt for all its rows; the last prompt token runs with each row (`response_stats`), because its
@@ -221,6 +224,26 @@ def response_stats(model_cfg, params, kv, prompt: dict, rows: dict, L: int, temp
     return pad(logp), pad(entropy)
 
 
+def micro_stats(rl, model_cfg, params, kv, prompt: dict, mb: dict, L: int):
+    """`response_stats` of micro-batch `mb` at length bucket L, by `rl.prompt_pass`:
+
+        once     over the prompts' keys and values kv, computed once per update for all B prompts
+                 (`prefix_kv`): the least compute, but they and their cotangents, [L, B, K, Dh, P - 1]
+                 each, are live through the whole micro-batch loop.
+        per_row  kv None: one pass over each row joined to its prompt (G times the prompt compute), so
+                 the memory is bounded by the micro-batch (a 4B model with 512-token prompts and one
+                 sequence per micro-batch does not fit a v5e chip otherwise; see tsched.plan).
+    """
+    if rl.prompt_pass == "once":
+        return response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature)
+    group, completions, mask = mb["group"], mb["completions"], mb["mask"]
+    P, T = prompt["tokens"].shape[1], completions.shape[1]
+    tokens = jnp.concatenate([prompt["tokens"][group], completions[:, :L]], axis=1)
+    valid = jnp.concatenate([prompt["valid"][group], mask[:, :L]], axis=1)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, T - L)))
+    return tuple(map(pad, token_stats(model_cfg, params, tokens, valid, P, rl.temperature)))
+
+
 def score(rl, model_cfg, params, rows: dict, prompt: dict):
     """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
     them), in `rl.micro_batches` slices grouped and bucketed by length as the update runs them (zero past
@@ -228,8 +251,8 @@ def score(rl, model_cfg, params, rows: dict, prompt: dict):
     N, T = rows["mask"].shape
     buckets = bucket_lengths(T, rl.length_buckets)
     order, bucket = length_groups(rows["mask"], rl.micro_batches, buckets)
-    kv = prefix_kv(model_cfg, params, prompt)
-    stats = per_bucket(buckets, lambda L, mb: response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature))
+    kv = prefix_kv(model_cfg, params, prompt) if rl.prompt_pass == "once" else None
+    stats = per_bucket(buckets, lambda L, mb: micro_stats(rl, model_cfg, params, kv, prompt, mb, L))
     mbs = jax.tree.map(lambda x: grouped(x, order), {k: rows[k] for k in ("completions", "mask", "group")})
     logp, entropy = jax.lax.map(lambda x: stats(*x), (bucket, mbs))
     back = lambda x: jnp.zeros((N, T), x.dtype).at[order.reshape(-1)].set(x.reshape(N, T))  # to row order
@@ -246,9 +269,10 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     normalised by the denominator summed over all micro-batches, so the result equals one pass over the
     whole batch for every aggregation mode.
 
-    Cost follows the real tokens. Each prompt runs once (`prefix_kv`), not once per sampled row: the
-    micro-batches take gradients with respect to the parameters and the prompts' keys and values, and the
-    summed key/value cotangents go back through the one prompt pass at the end (its `jax.vjp`). The rows
+    Cost follows the real tokens. Each prompt runs once (`prefix_kv`; `rl.prompt_pass=once`), not once per
+    sampled row: the micro-batches take gradients with respect to the parameters and the prompts' keys
+    and values, and the summed key/value cotangents go back through the one prompt pass at the end (its
+    `jax.vjp`); `per_row` trades that for memory (`micro_stats`). The rows
     are grouped by length into micro-batches (`length_groups`), each run at its length bucket
     (`rl.length_buckets`) under `lax.switch`, one branch per bucket, so every bucket shape is compiled once
     into the one step. Only the model runs shorter: the loss sees the [R, T] arrays of the padded
@@ -259,13 +283,13 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     M, T = rl.micro_batches, rows["mask"].shape[1]
     buckets = bucket_lengths(T, rl.length_buckets)
     order, bucket = length_groups(rows["mask"], M, buckets)
-    kv, kv_vjp = jax.vjp(lambda p: prefix_kv(model_cfg, p, prompt), params)
-    ref_kv = None if ref_params is None else prefix_kv(model_cfg, ref_params, prompt)
+    once = rl.prompt_pass == "once"
+    kv, kv_vjp = jax.vjp(lambda p: prefix_kv(model_cfg, p, prompt), params) if once else (None, None)
+    ref_kv = prefix_kv(model_cfg, ref_params, prompt) if once and ref_params is not None else None
 
     def micro(L, params, kv, mb):
-        logp, entropy = response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature)
-        ref_logp = None if ref_params is None else response_stats(model_cfg, ref_params, ref_kv, prompt, mb, L,
-                                                                  rl.temperature)[0]
+        logp, entropy = micro_stats(rl, model_cfg, params, kv, prompt, mb, L)
+        ref_logp = None if ref_params is None else micro_stats(rl, model_cfg, ref_params, ref_kv, prompt, mb, L)[0]
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
         num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
                                                old_logp=mb.get("old_logp"), key=mb_key,
@@ -284,7 +308,7 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     first = jax.tree.map(lambda x: x[0], mbs)
     sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, kv, first)[1][1]))
     ((g_params, g_kv), num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
-    grads = jax.tree.map(jnp.add, g_params, kv_vjp(g_kv)[0])
+    grads = jax.tree.map(jnp.add, g_params, kv_vjp(g_kv)[0]) if once else g_params
     den = jnp.maximum(den, 1e-8)
     return num / den, jax.tree.map(lambda g: g / den, grads), sums
 
