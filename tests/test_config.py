@@ -81,6 +81,8 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("rl.schedule.max_ratio", 0.0, "max_ratio"),
     ("rl.schedule.sigmoid_k", 0.0, "sigmoid_k"),
     ("data.prompt_len", 0, "data.prompt_len"),
+    ("data.solution_error_rate", 1.0, "data.solution_error_rate"),
+    ("data.solution_error_rate", -0.1, "data.solution_error_rate"),
     ("mesh.tensor", 0, "mesh.tensor"),
     ("eval.num_problems", 501, "eval.num_problems"),
     ("tokenizer.model_path", "/no/such/tokenizer.model", "tokenizer.model_path"),
@@ -171,7 +173,7 @@ def test_warm_start_must_be_a_finished_sft_of_the_same_config(tmp_path):
     cfg.data.data_dir, cfg.rl.credit.strategy, cfg.rl.lr = "/elsewhere", "uniform", 3e-4  # not SFT's business
     validate(cfg, num_devices=1)
     for field, value, needle in [("model.d_model", 64, "model.d_model: 128 -> 64"), ("seed", 1, "seed: 0 -> 1"),
-                                 ("data.families", "gcd", "data.families"), ("sft.lr", 1e-3, "sft.lr"),
+                                 ("data.families", "arith", "data.families"), ("sft.lr", 1e-3, "sft.lr"),
                                  ("tokenizer.vocab_size", 80, "tokenizer.vocab_size")]:
         bad = base_config()
         bad.sft.steps, bad.sft.warm_start = 30, run

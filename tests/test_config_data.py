@@ -84,7 +84,7 @@ def test_preset_conflicting_with_init_from(ckpt_dir):
 
 def test_sft_steps_default_follows_init_from(ckpt_dir):
     c = base_config()
-    assert config.sft_steps(c) == 300
+    assert config.sft_steps(c) == 400
     c.model.init_from = str(ckpt_dir)
     assert config.sft_steps(c) == 0
     c.sft.steps = 7

@@ -58,14 +58,21 @@ def base_config() -> ml_collections.ConfigDict:
     # template), or any string containing {problem}.
     c.data.template = "plain"
     c.data.chat_thinking = False  # chat: Qwen3's enable_thinking
-    c.data.families = "gcd,sort"  # comma-separated task families (tsched.data.tasks)
+    # comma-separated task families (tsched.data.tasks). The default: running sums of 6-12 digits, one
+    # addition per step, 55-110 tokens with the answer at the end, solutions slipping at 6% of steps.
+    c.data.families = "chain"
     c.data.min_difficulty = 1
     c.data.max_difficulty = 3
+    # Probability that each step of a built-in reference solution writes its result off by one and carries
+    # on from it (families arith and chain; the others and file sources ignore it; tsched.data.tasks): SFT
+    # then learns a policy that slips anywhere in a long trace, which RL has to remove. The problems and
+    # their answers are those of rate 0.
+    c.data.solution_error_rate = 0.06
     c.data.train_size = 20000
     c.data.eval_size = 500
     c.data.data_dir = ""  # dataset and tokenizer cache; "" = <parent of run_dir>/.data, shared by runs
-    c.data.prompt_len = 24  # prompts are left-padded to this many tokens (static shape)
-    c.data.max_solution_tokens = 64  # reference solutions (SFT targets, off-policy prefixes) are cut here
+    c.data.prompt_len = 32  # prompts are left-padded to this many tokens (static shape)
+    c.data.max_solution_tokens = 112  # reference solutions (SFT targets, off-policy prefixes) are cut here
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.model_path = ""  # a sentencepiece .model or HF tokenizer.json; "" = train one on the tasks
@@ -108,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.coordinator = ""
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = -1  # -1 = auto: 300 from scratch, 0 (no toy warm start) with model.init_from; see sft_steps
+    c.sft.steps = -1  # -1 = auto: 400 from scratch, 0 (no toy warm start) with model.init_from; see sft_steps
     c.sft.batch_size = 64
     c.sft.lr = 3e-3
     c.sft.warmup_steps = 50
@@ -118,10 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.warm_start = ""
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.steps = 160
+    c.rl.steps = 80
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
-    c.rl.max_new_tokens = 64
+    c.rl.max_new_tokens = 112
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.top_k = 0  # 0 = off
@@ -218,11 +225,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-SFT_STEPS_FROM_SCRATCH = 300
+SFT_STEPS_FROM_SCRATCH = 400
 
 
 def sft_steps(cfg) -> int:
-    """SFT steps of the run: `sft.steps`, or with the default -1, 300 for a model trained from scratch
+    """SFT steps of the run: `sft.steps`, or with the default -1, 400 for a model trained from scratch
     and 0 for one started from `model.init_from` (a pretrained model gets no toy warm start)."""
     if cfg.sft.steps >= 0:
         return cfg.sft.steps
@@ -366,7 +373,7 @@ _RANGES = {
                               "verify.timeout_s", "verify.max_chars", "eval.num_problems", "eval.batch_size",
                               "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
-    "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (300 from scratch, 0 with model.init_from)"),
+    "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (400 from scratch, 0 with model.init_from)"),
     **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
                                   "rl.warmup_steps", "rl.prompts_per_pass", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
@@ -379,6 +386,7 @@ _RANGES = {
     "rl.group_size": (lambda v: v >= 2, "must be >= 2 (group advantages need at least two samples)"),
     "rl.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "rl.clip_low": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "data.solution_error_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "rl.dual_clip": (lambda v: v == 0 or v > 1, "must be 0 (off) or > 1"),
     "rl.schedule.sigmoid_k": (lambda v: v != 0, "must be non-zero (the sigmoid profile divides by it)"),
 }

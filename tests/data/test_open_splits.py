@@ -74,3 +74,20 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
     splits = pipeline.open_splits(c)
     assert len(splits["train"]) == 40 and list(splits["eval_sets"]) == ["held_out"] and len(splits["eval"]) == 8
     assert splits["train"][0]["verifier"] in ("numeric", "exact") and splits["train"][0]["solution"]
+
+
+def test_slipped_task_solutions_are_their_own_dataset(tmp_path):
+    """data.solution_error_rate builds a dataset of its own (rate 0 keeps the name and files written before
+    slips existed), with the same problems and answers and slipped solutions."""
+    c = base_config()
+    c.run_dir, c.data.data_dir = str(tmp_path / "run"), str(tmp_path / "data")
+    c.data.families, c.data.train_size, c.data.eval_size = "chain", 60, 8
+    c.data.solution_error_rate = 0.0
+    assert pipeline._task_config(c).name == "chain_d1-3_n60-8_s0"
+    clean = pipeline.open_splits(c)
+    c.data.solution_error_rate = 0.3
+    assert pipeline._task_config(c).name == "chain_d1-3_n60-8_s0_e0.3"
+    slipped = pipeline.open_splits(c)
+    pairs = [(clean["train"][i], slipped["train"][i]) for i in range(60)]
+    assert all(a["problem"] == b["problem"] and a["answer"] == b["answer"] for a, b in pairs)
+    assert sum(a["solution"] != b["solution"] for a, b in pairs) > 20

@@ -54,6 +54,56 @@ def test_every_step_of_a_running_sum_is_correct_and_uses_the_next_operand(family
         assert int(a) + (int(b) if op == "+" else -int(b)) == int(rhs)
 
 
+def _steps(p: tasks.Problem):
+    """(left operand, operator, right operand, written result) of each step of a running-value solution."""
+    return [(int(a), op, int(b), int(rhs)) for a, op, b, rhs in re.findall(r"(-?\d+)([+-])(\d+)=(-?\d+)\.", p.solution)]
+
+
+@pytest.mark.parametrize("family", tasks.SLIP_FAMILIES)
+def test_slipped_solutions_carry_on_from_the_slip_and_keep_the_true_answer(family):
+    rate = 0.2
+    train, _ = tasks.make_splits([family], 1, 4, 400, 10, seed=3, error_rate=rate)
+    slipped = total = wrong_answers = 0
+    for p in train:
+        assert p.answer == independent_answer(p), p  # the problem's answer is the true one
+        operands = re.findall(r"[+-]?\d+", p.problem)
+        steps = _steps(p)
+        assert [op + str(b) for _, op, b, _ in steps] == [o if o[0] in "+-" else "+" + o for o in operands[1:]]
+        prev = int(operands[0])
+        for a, op, b, rhs in steps:
+            assert a == prev  # each step starts from what the previous one wrote, slipped or not
+            delta = rhs - (a + b if op == "+" else a - b)
+            assert delta in (-1, 0, 1)
+            slipped += delta != 0
+            total += 1
+            prev = rhs
+        assert p.solution.endswith(f"{tasks.ANSWER_PREFIX}{prev}")  # the solution's own (maybe wrong) answer
+        wrong = str(prev) != p.answer
+        wrong_answers += wrong
+        assert verifiers.VERIFIERS[p.verifier](p.solution, p.answer)[0] == (0.0 if wrong else 1.0)
+    # binomial: about 1,000 steps, so the observed rate is within 0.05 of 0.2 with overwhelming probability
+    assert abs(slipped / total - rate) < 0.05, slipped / total
+    assert wrong_answers > 0.3 * len(train)
+
+
+def test_slips_change_only_the_solutions():
+    clean_train, clean_eval = tasks.make_splits(["chain", "arith"], 1, 3, 300, 20, seed=5)
+    train, evals = tasks.make_splits(["chain", "arith"], 1, 3, 300, 20, seed=5, error_rate=0.1)
+    for a, b in zip(clean_train + clean_eval, train + evals, strict=True):
+        assert (a.problem, a.answer, a.family, a.difficulty) == (b.problem, b.answer, b.family, b.difficulty)
+        if all(s == t for s, t in zip(_steps(a), _steps(b))):
+            assert a.solution == b.solution
+    assert sum(a.solution != b.solution for a, b in zip(clean_train, train)) > 50
+
+
+def test_families_without_running_values_stay_exact():
+    clean, _ = tasks.make_splits(["chain", "gcd", "sort"], 1, 3, 300, 10, seed=2)
+    slipped, _ = tasks.make_splits(["chain", "gcd", "sort"], 1, 3, 300, 10, seed=2, error_rate=0.3)
+    assert [p.problem for p in clean] == [p.problem for p in slipped]
+    assert all(a == b for a, b in zip(clean, slipped) if a.family != "chain")
+    assert sum(a != b for a, b in zip(clean, slipped) if a.family == "chain") > 30
+
+
 def test_difficulty_lengthens_reasoning():
     rng = np.random.default_rng(1)
     for family in tasks.FAMILIES:

@@ -92,7 +92,7 @@ class Encode(grain.transforms.Map):
 def _task_config(cfg) -> tfds_builder.TaskConfig:
     d = cfg.data
     return tfds_builder.task_config(d.families, d.min_difficulty, d.max_difficulty, d.train_size, d.eval_size,
-                                    cfg.seed)
+                                    cfg.seed, d.get("solution_error_rate", 0.0))
 
 
 def encoder(cfg, tok: tok_lib.Tokenizer | None, solutions: bool = False) -> Encode:

@@ -5,6 +5,13 @@ intermediate results out and end with `Answer: <answer>`, which is what the veri
 difficulty knob lengthens the reasoning: `arith` at difficulty d has d steps of about 13 tokens each, so
 difficulty 8 gives traces of over 100 tokens with the answer only at the end, the regime the paper's
 trajectory-percentile schedule is about.
+
+Solutions with slips (`error_rate`, `data.solution_error_rate`): the running-value families (SLIP_FAMILIES;
+the others ignore it) can write each intermediate result off by one with a given probability and carry on from the slipped
+value, so that solution ends at a wrong answer while the problem keeps its true one. A model fine-tuned
+on them learns to slip at about that rate at every step of a long trace, however well it knows the
+steps: a policy whose errors are spread over the whole trajectory, which RL can remove. The slips come
+from their own random stream, so the problems (and the clean solutions' text) are those of rate 0.
 """
 
 from __future__ import annotations
@@ -30,18 +37,33 @@ class Problem:
     verifier: str  # name of the verifier in tsched.verify that checks this family
 
 
-def arith(rng: np.random.Generator, difficulty: int) -> Problem:
+Slip = Callable[[int], int]  # an intermediate result as the solution writes it (see SLIP_FAMILIES)
+
+
+def _exact(value: int) -> int:
+    return value
+
+
+def slips(rng: np.random.Generator, rate: float) -> Slip:
+    """Writes a result off by one (up or down, evenly) with probability `rate`, drawing from `rng`."""
+    def slip(value: int) -> int:
+        return value + int(rng.choice((-1, 1))) if rng.random() < rate else value
+    return slip
+
+
+def arith(rng: np.random.Generator, difficulty: int, slip: Slip = _exact) -> Problem:
     """Chain of difficulty+1 two-digit numbers joined by + and -, evaluated left to right."""
     nums = rng.integers(1, 100, size=difficulty + 1)
     ops = rng.choice(["+", "-"], size=difficulty)
     expr = str(nums[0]) + "".join(f"{o}{n}" for o, n in zip(ops, nums[1:]))
     acc, steps = int(nums[0]), []
     for o, n in zip(ops, nums[1:]):
-        new = acc + int(n) if o == "+" else acc - int(n)
+        new = slip(acc + int(n) if o == "+" else acc - int(n))
         steps.append(f"{acc}{o}{n}={new}.")
         acc = new
+    answer = int(nums[0]) + sum(int(n) if o == "+" else -int(n) for o, n in zip(ops, nums[1:]))
     return Problem("arith", difficulty, f"Compute {expr}.", " ".join(steps) + f" {ANSWER_PREFIX}{acc}",
-                   str(acc), "numeric")
+                   str(answer), "numeric")
 
 
 def mult(rng: np.random.Generator, difficulty: int) -> Problem:
@@ -90,7 +112,7 @@ def sort(rng: np.random.Generator, difficulty: int) -> Problem:
                    " ".join(steps) + f" {ANSWER_PREFIX}{answer}", answer, "exact")
 
 
-def chain(rng: np.random.Generator, difficulty: int) -> Problem:
+def chain(rng: np.random.Generator, difficulty: int, slip: Slip = _exact) -> Problem:
     """Running sum of 3*difficulty+3 one-digit numbers, one addition per step.
 
     Each step is easy (a two-digit number plus a digit) and the trace is long (difficulty 1-3: 6-12
@@ -100,14 +122,16 @@ def chain(rng: np.random.Generator, difficulty: int) -> Problem:
     nums = [int(v) for v in rng.integers(1, 10, size=3 * difficulty + 3)]
     acc, steps = nums[0], []
     for n in nums[1:]:
-        steps.append(f"{acc}+{n}={acc + n}.")
-        acc += n
+        new = slip(acc + n)
+        steps.append(f"{acc}+{n}={new}.")
+        acc = new
     return Problem("chain", difficulty, "Add " + "+".join(map(str, nums)) + ".",
-                   " ".join(steps) + f" {ANSWER_PREFIX}{acc}", str(acc), "numeric")
+                   " ".join(steps) + f" {ANSWER_PREFIX}{acc}", str(sum(nums)), "numeric")
 
 
-FAMILIES: dict[str, Callable[[np.random.Generator, int], Problem]] = {
+FAMILIES: dict[str, Callable[..., Problem]] = {
     "arith": arith, "mult": mult, "gcd": gcd, "sort": sort, "chain": chain}
+SLIP_FAMILIES = ("arith", "chain")  # take `slip=`: their solutions can carry slipped intermediate results
 
 
 def parse_families(spec: str) -> list[str]:
@@ -118,19 +142,22 @@ def parse_families(spec: str) -> list[str]:
     return names
 
 
-def _stream(families: list[str], min_d: int, max_d: int, seed: int, stream: int) -> Iterator[Problem]:
+def _stream(families: list[str], min_d: int, max_d: int, seed: int, stream: int,
+            error_rate: float = 0.0) -> Iterator[Problem]:
     rng = np.random.default_rng([seed, stream])
+    slip = {"slip": slips(np.random.default_rng([seed, stream, 1]), error_rate)} if error_rate else {}
     while True:
         fam = families[int(rng.integers(len(families)))]
-        yield FAMILIES[fam](rng, int(rng.integers(min_d, max_d + 1)))
+        yield FAMILIES[fam](rng, int(rng.integers(min_d, max_d + 1)), **(slip if fam in SLIP_FAMILIES else {}))
 
 
 def make_splits(families: list[str], min_difficulty: int, max_difficulty: int, train_size: int,
-                eval_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Deterministic train / eval splits; no eval problem text appears in train, none repeats in eval."""
+                eval_size: int, seed: int, error_rate: float = 0.0) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic train / eval splits; no eval problem text appears in train, none repeats in eval.
+    error_rate > 0: the solutions of SLIP_FAMILIES slip (module docstring); the others' stay exact."""
     evals, seen, misses = [], set(), 0
     # A small space (e.g. one family at difficulty 1) runs out of unique problems: stop after 10k misses.
-    for p in _stream(families, min_difficulty, max_difficulty, seed, 1):
+    for p in _stream(families, min_difficulty, max_difficulty, seed, 1, error_rate):
         if len(evals) == eval_size or misses > 10_000:
             break
         if p.problem in seen:
@@ -140,7 +167,7 @@ def make_splits(families: list[str], min_difficulty: int, max_difficulty: int, t
             evals.append(p)
             misses = 0
     train, misses = [], 0
-    for p in _stream(families, min_difficulty, max_difficulty, seed, 2):
+    for p in _stream(families, min_difficulty, max_difficulty, seed, 2, error_rate):
         if len(train) == train_size or misses > 10_000:
             break
         if p.problem in seen:
@@ -177,9 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-difficulty", type=int, default=1)
     ap.add_argument("--max-difficulty", type=int, default=3)
+    ap.add_argument("--solution-error-rate", type=float, default=0.0,
+                    help="probability of a slipped intermediate result per solution step (arith, chain)")
     args = ap.parse_args(argv)
     train, evals = make_splits(parse_families(args.families), args.min_difficulty, args.max_difficulty,
-                               args.train_size, args.eval_size, args.seed)
+                               args.train_size, args.eval_size, args.seed, args.solution_error_rate)
     export(args.export, train, evals)
     print(f"wrote {len(train)} train and {len(evals)} eval problems to {args.export}")
 

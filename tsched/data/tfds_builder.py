@@ -1,6 +1,6 @@
 """The built-in tasks as a TFDS dataset (array_record files, readable without TensorFlow).
 
-One builder config per (families, difficulty range, sizes, seed), named by those values, so two
+One builder config per (families, difficulty range, sizes, seed, solution error rate), named by those values, so two
 experiments with different task settings never share files and a rerun reuses what is on disk.
 """
 
@@ -22,14 +22,18 @@ class TaskConfig(tfds.core.BuilderConfig):
     train_size: int = 20000
     eval_size: int = 500
     seed: int = 0
+    solution_error_rate: float = 0.0
 
 
 def task_config(families: str, min_difficulty: int, max_difficulty: int, train_size: int, eval_size: int,
-                seed: int) -> TaskConfig:
+                seed: int, solution_error_rate: float = 0.0) -> TaskConfig:
     fams = tasks.parse_families(families)
     name = f"{'-'.join(fams)}_d{min_difficulty}-{max_difficulty}_n{train_size}-{eval_size}_s{seed}"
+    if solution_error_rate and set(fams) & set(tasks.SLIP_FAMILIES):  # else the data is that of rate 0
+        name += f"_e{solution_error_rate:g}"
     return TaskConfig(name=name, families=",".join(fams), min_difficulty=min_difficulty,
-                      max_difficulty=max_difficulty, train_size=train_size, eval_size=eval_size, seed=seed)
+                      max_difficulty=max_difficulty, train_size=train_size, eval_size=eval_size, seed=seed,
+                      solution_error_rate=solution_error_rate)
 
 
 class TschedTasks(tfds.core.GeneratorBasedBuilder):
@@ -48,7 +52,7 @@ class TschedTasks(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         c = self.builder_config
         train, evals = tasks.make_splits(tasks.parse_families(c.families), c.min_difficulty, c.max_difficulty,
-                                         c.train_size, c.eval_size, c.seed)
+                                         c.train_size, c.eval_size, c.seed, c.solution_error_rate)
         return {"train": self._generate_examples(train), "eval": self._generate_examples(evals)}
 
     def _generate_examples(self, problems):
