@@ -4,7 +4,8 @@
     python -m tsched.main --config=configs/paper.py:method=forking_schedule --config.seed=1
     python -m tsched.main --config=configs/paper.py:strategy=forking,schedule=sigmoid
 
-Same tasks, model, SFT and budget as configs/default.py (about 6 minutes each on 2 CPU cores); only
+Same tasks, model, SFT and budget as configs/default.py (long `chain` traces whose SFT solutions slip;
+about 5 minutes of RL each, two runs at a time on 2 CPU cores); only
 the credit criterion, its schedule, the prompt transform or the loss differ. `method=` picks a named
 row of METHODS; `strategy=`, `schedule=`, `transform=`, `loss=` set those fields directly (after the
 method's, so `method=forking,schedule=cosine` is the 80/20 criterion under a cosine schedule). Any
@@ -20,6 +21,7 @@ field can still be overridden by flag. Results: one run is one sample; compare m
     entropy_adv           static entropy-shaped advantage A + min(alpha H, |A| / kappa) (Cheng et al.)
     entropy_adv_schedule  the entropy bonus decaying linearly to plain GRPO
     off_policy_schedule   the prompt carries round(r L) tokens of the reference solution, r decaying
+                          (the default tasks' solutions slip: a prefix can carry a slip)
     gspo                  sequence-level importance ratio, seq-mean-token-mean, GSPO's narrow clip range
 
 Neighbouring criteria and several updates per rollout (ratios != 1, so clipping acts):

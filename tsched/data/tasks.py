@@ -6,12 +6,13 @@ difficulty knob lengthens the reasoning: `arith` at difficulty d has d steps of 
 difficulty 8 gives traces of over 100 tokens with the answer only at the end, the regime the paper's
 trajectory-percentile schedule is about.
 
-Solutions with slips (`error_rate`, `data.solution_error_rate`): the running-value families (SLIP_FAMILIES;
-the others ignore it) can write each intermediate result off by one with a given probability and carry on from the slipped
-value, so that solution ends at a wrong answer while the problem keeps its true one. A model fine-tuned
-on them learns to slip at about that rate at every step of a long trace, however well it knows the
-steps: a policy whose errors are spread over the whole trajectory, which RL can remove. The slips come
-from their own random stream, so the problems (and the clean solutions' text) are those of rate 0.
+Solutions with slips (`error_rate`, `data.solution_error_rate`): the running-value families
+(SLIP_FAMILIES; the others ignore it) can write each intermediate result off by one with a given
+probability and carry on from the slipped value, so that solution ends at a wrong answer while the
+problem keeps its true one. A model fine-tuned on them learns to slip at about that rate at every step
+of a long trace, however well it knows the steps: a policy whose errors are spread over the whole
+trajectory, which RL can remove. The slips come from their own random stream, so the problems (and
+the solutions that did not slip) are those of rate 0.
 """
 
 from __future__ import annotations
