@@ -237,7 +237,7 @@ def test_check_refuses_a_method_whose_sft_differs_from_the_baselines(tmp_path, m
         st.check(study, st.plan(study, str(tmp_path)), [])
     study = st.Study("s", {"grpo": "configs/paper.py:method=grpo", "tp": "configs/paper.py:method=tp_schedule"},
                      "grpo", (0, 1), {"rl.steps": 3})
-    assert st.check(study, st.plan(study, str(tmp_path)), []) == 300
+    assert st.check(study, st.plan(study, str(tmp_path)), []) == 400
     assert st.check(study, st.plan(study, str(tmp_path)), ["--config.sft.steps=0"]) == 0  # no SFT to share
     with pytest.raises(ValueError, match="rl.credit.strategy"):
         st.check(study, st.plan(study, str(tmp_path)), ["--config.rl.credit.strategy=psychic"])
