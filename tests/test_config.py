@@ -200,3 +200,8 @@ def test_a_field_added_after_a_run_was_written_counts_as_its_default():
     assert config.config_differences(cfg, json.dumps(saved)) == []
     cfg.rl.length_buckets = 3
     assert config.config_differences(cfg, json.dumps(saved)) == ["rl.length_buckets: 1 -> 3"]
+    # a field whose default changes what a run does counts as the behaviour before it: exact solutions
+    cfg = base_config()
+    saved = json.loads(cfg.to_json_best_effort())
+    del saved["data"]["solution_error_rate"]
+    assert config.config_differences(cfg, json.dumps(saved)) == ["data.solution_error_rate: 0.0 -> 0.06"]

@@ -242,17 +242,23 @@ WARM_START_FIELDS = ("seed", "data.", "tokenizer.", "model.", "sft.")
 _WARM_START_FREE = ("data.data_dir", "sft.warm_start")
 
 
+# Fields added with a default other than the behaviour before them: the value a run written before the
+# field existed ran with (the default experiment's slips came with the field).
+VALUE_BEFORE_FIELD = {"data.solution_error_rate": 0.0}
+
+
 def config_differences(cfg, saved_json: str, compared=None, free=()) -> list[str]:
     """`field: saved -> cfg` for each field whose value differs between `cfg` and a saved config.json's
     text, among the fields starting with one of `compared` (None: all) and none of `free`. A field the
-    saved config lacks counts as its `base_config` default: fields are added with the default that keeps
-    the old behaviour, so a run written before one was added still resumes."""
+    saved config lacks counts as what runs did before it existed: its `base_config` default, which keeps
+    the old behaviour, or its VALUE_BEFORE_FIELD; so a run written before a field was added still
+    resumes, and one whose behaviour the new default would change does not."""
     import json
 
     from flax.traverse_util import flatten_dict
 
     flat = lambda c: flatten_dict(json.loads(c.to_json_best_effort()), sep=".")
-    old = {**flat(base_config()), **flatten_dict(json.loads(saved_json), sep=".")}
+    old = {**flat(base_config()), **VALUE_BEFORE_FIELD, **flatten_dict(json.loads(saved_json), sep=".")}
     new = flat(cfg)
     missing = "(absent)"
     keys = [k for k in sorted(set(old) | set(new))
