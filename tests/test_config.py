@@ -191,6 +191,30 @@ def test_warm_start_must_be_a_finished_sft_of_the_same_config(tmp_path):
         validate(cfg, num_devices=1)
 
 
+def test_a_warm_starts_evaluation_is_reused_only_when_every_eval_field_agrees():
+    from tsched.config import eval_differences
+
+    saved = base_config()
+    same = base_config()
+    # The run's own method, budget and bookkeeping do not change what the SFT parameters evaluate to.
+    for field, value in [("rl.credit.strategy", "uniform"), ("rl.lr", 3e-4), ("rl.steps", 7), ("eval.every", 40),
+                         ("data.data_dir", "/elsewhere"), ("sft.warm_start", "/w"), ("train.log_every", 1),
+                         ("eval.reuse_warm_start", False)]:
+        set_field(same, field, value)
+    assert eval_differences(same, saved.to_json_best_effort()) == []
+    for field, value in [("seed", 3), ("eval.samples", 2), ("eval.num_problems", 100), ("rl.max_new_tokens", 64),
+                         ("rl.top_k", 5), ("rl.cache_dtype", "bfloat16"),
+                         ("verify.timeout_s", 1.0), ("mesh.fsdp", 2), ("model.d_model", 64),
+                         ("data.families", "arith")]:
+        other = base_config()
+        set_field(other, field, value)
+        assert [d.split(":")[0] for d in eval_differences(other, saved.to_json_best_effort())] == [field], field
+    other = base_config()  # eval.temperature follows rl.temperature: both differ
+    other.rl.temperature = 0.7
+    assert [d.split(":")[0] for d in eval_differences(other, saved.to_json_best_effort())] == \
+        ["eval.temperature", "rl.temperature"]
+
+
 def test_a_field_added_after_a_run_was_written_counts_as_its_default():
     import json
 

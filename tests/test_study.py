@@ -328,6 +328,7 @@ def test_smoke_study_writes_the_report_and_a_rerun_skips_finished_runs(tmp_path)
         tp, grpo = (json.load(open(root / run_name(m, seed) / "summary.json")) for m in ("tp_schedule", "grpo"))
         assert tp["sft_warm_start"] == str(root / run_name("grpo", seed))
         assert tp["eval_per_set_before_rl"] == grpo["eval_per_set_before_rl"]
+        assert tp["eval_before_rl_from"] == tp["sft_warm_start"]  # taken from GRPO's run, not recomputed
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sum(ln.startswith("skip ") for ln in again.stdout.splitlines()) == 4 and "done in" not in again.stdout

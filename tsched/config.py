@@ -208,6 +208,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.temperature = _follow(c.rl, "temperature")
     c.eval.pass_k = "1,4,8"  # unbiased pass@k for each k here up to eval.samples (python -m tsched.eval)
     c.eval.every = 0  # evaluate every N RL steps, logged as eval/<set>/...; 0 = off
+    # With sft.warm_start: take the evaluation before RL from that run when it evaluated the same parameters
+    # with the same key and settings (EVAL_FIELDS), so a study's methods do not repeat it per method.
+    c.eval.reuse_warm_start = True
 
     c.train = ml_collections.ConfigDict()
     # `never` (False): an existing run_dir is moved aside and the run starts afresh; `auto` (True): continue
@@ -242,6 +245,13 @@ WARM_START_FIELDS = ("seed", "data.", "tokenizer.", "model.", "sft.")
 _WARM_START_FREE = ("data.data_dir", "sft.warm_start")
 
 
+# Fields that decide the evaluation before RL besides the parameters (its key is the seed's; the sampling
+# settings are rl.*'s): a warm start's evaluation is this run's when they are equal and its SFT is this run's.
+EVAL_FIELDS = ("seed", "data.", "tokenizer.", "model.", "mesh.", "verify.", "eval.", "rl.max_new_tokens",
+               "rl.temperature", "rl.top_p", "rl.top_k", "rl.cache_dtype", "rl.prompts_per_pass")
+_EVAL_FREE = ("data.data_dir", "eval.every", "eval.reuse_warm_start")
+
+
 # Fields added with a default other than the behaviour before them: the value a run written before the
 # field existed ran with (the default experiment's slips came with the field).
 VALUE_BEFORE_FIELD = {"data.solution_error_rate": 0.0}
@@ -270,6 +280,12 @@ def config_differences(cfg, saved_json: str, compared=None, free=()) -> list[str
 def warm_start_differences(cfg, saved_json: str) -> list[str]:
     """The differences in WARM_START_FIELDS between `cfg` and the config (json text) of a would-be warm start."""
     return config_differences(cfg, saved_json, WARM_START_FIELDS, _WARM_START_FREE)
+
+
+def eval_differences(cfg, saved_json: str) -> list[str]:
+    """The differences in EVAL_FIELDS between `cfg` and a saved config.json's text: none means the same
+    parameters are evaluated to the same result."""
+    return config_differences(cfg, saved_json, EVAL_FIELDS, _EVAL_FREE)
 
 
 def warm_start_checkpoint(cfg) -> str:

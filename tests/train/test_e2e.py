@@ -86,9 +86,10 @@ def test_warm_start_from_another_runs_sft_gives_that_runs_rl_exactly(uninterrupt
     from tsched.train.checkpoint import complete_steps
 
     tmp, full_cfg, full_summary = uninterrupted
-    cfg = tiny(base_config(), tmp, "warm", sft__warm_start=full_cfg.run_dir)
+    # Its own evaluation before RL, which must equal the other run's: what makes reusing that one sound.
+    cfg = tiny(base_config(), tmp, "warm", sft__warm_start=full_cfg.run_dir, eval__reuse_warm_start=False)
     summary = json.load(open(trainer.run(cfg)))
-    assert summary["sft_warm_start"] == full_cfg.run_dir
+    assert summary["sft_warm_start"] == full_cfg.run_dir and summary["eval_before_rl_from"] == cfg.run_dir
     assert complete_steps(os.path.join(cfg.run_dir, "ckpt", "sft")) == []  # nothing trained, nothing saved
     rows = lambda d: [json.loads(ln) for ln in open(os.path.join(d, "metrics.jsonl"))]
     assert {r["phase"] for r in rows(cfg.run_dir)} == {"rl"}
@@ -101,6 +102,20 @@ def test_warm_start_from_another_runs_sft_gives_that_runs_rl_exactly(uninterrupt
     a, b = final_params(full_cfg.run_dir, 8), final_params(cfg.run_dir, 8)
     for (k, x), (_, y) in zip(sorted(_flatten(a).items()), sorted(_flatten(b).items())):
         np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+def test_warm_start_takes_the_other_runs_evaluation_before_rl(uninterrupted, capsys):
+    from tsched.train import trainer
+
+    tmp, full_cfg, full_summary = uninterrupted
+    cfg = tiny(base_config(), tmp, "warm_reuse", sft__warm_start=full_cfg.run_dir, rl__steps=2,
+               rl__credit__strategy="uniform")  # another method: the evaluation before RL is still the same
+    summary = json.load(open(trainer.run(cfg)))
+    assert f"evaluation before RL: the one of {full_cfg.run_dir}" in capsys.readouterr().out
+    assert summary["eval_before_rl_from"] == full_cfg.run_dir
+    assert summary["eval_per_set_before_rl"] == json.load(open(full_summary))["eval_per_set_before_rl"]
+    assert json.load(open(os.path.join(cfg.run_dir, "eval_before_rl.json"))) == \
+        json.load(open(os.path.join(full_cfg.run_dir, "eval_before_rl.json")))
 
 
 def _flatten(tree, prefix=""):

@@ -5,7 +5,9 @@ the model is fresh or the Hugging Face checkpoint `model.init_from` (with its to
 and no toy SFT unless `sft.steps` says so); `train.export_hf` writes the final policy to `<run_dir>/hf`.
 
 `sft.warm_start` names another run directory whose final SFT checkpoint replaces this run's SFT (validated
-to be the SFT this config would run, `config.WARM_START_FIELDS`): several RL runs share one SFT.
+to be the SFT this config would run, `config.WARM_START_FIELDS`): several RL runs share one SFT. Its
+evaluation before RL is taken too when its config agrees on `config.EVAL_FIELDS` (same parameters, key
+and settings: the same result; `eval.reuse_warm_start=False` computes it again).
 
 Resume order (`train.resume=auto` or `True` on the same run_dir, with a checkpoint in it): the run_dir's
 `config.json` is compared with the config (fields that change the result must match unless
@@ -317,8 +319,13 @@ def _run(cfg, t_start, signals, mesh) -> str:
 
         # ---- Evaluation before RL (kept on disk so a resumed run reports it too)
         before_path = run_dir / "eval_before_rl.json"
+        before_from = cfg.sft.warm_start if multihost.from_main(_warm_start_eval(cfg)) else ""
         if multihost.from_main(resuming and sft_was_done and before_path.exists()):
             before = json.loads(before_path.read_text())
+        elif before_from:
+            before = json.loads((epath.Path(before_from) / "eval_before_rl.json").read_text())
+            _write_atomically(before_path, json.dumps(before, indent=2))
+            _say(f"evaluation before RL: the one of {before_from} (same parameters, key and settings)")
         else:
             _event("eval_before_start")
             before = eval_lib.evaluate_sets(cfg, model_cfg, params, eval_sets, tok, pool, eval_key)
@@ -368,13 +375,24 @@ def _run(cfg, t_start, signals, mesh) -> str:
         "init_from": cfg.model.init_from, "data_source": cfg.data.source, "template": cfg.data.template,
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
         "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
-        "sft_warm_start": cfg.sft.warm_start,
+        "sft_warm_start": cfg.sft.warm_start, "eval_before_rl_from": before_from or str(run_dir),
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
     path = run_dir / "summary.json"
     _write_atomically(path, json.dumps(summary, indent=2))
     _event("done")
     return str(path)
+
+
+def _warm_start_eval(cfg) -> bool:
+    """Whether the `sft.warm_start` run's evaluation before RL is this run's (`eval.reuse_warm_start`): its
+    SFT is ours (validated) and its config agrees on `config.EVAL_FIELDS`, so it evaluated the same
+    parameters with the same key and settings."""
+    if not (cfg.sft.warm_start and cfg.eval.reuse_warm_start):
+        return False
+    warm = epath.Path(cfg.sft.warm_start)
+    return (warm / "eval_before_rl.json").exists() and not config_lib.eval_differences(
+        cfg, (warm / "config.json").read_text())
 
 
 def _stop_if_signalled(signals: _Signals, phase: str, step: int, ckpt: Checkpointer) -> None:
