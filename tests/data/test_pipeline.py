@@ -72,3 +72,42 @@ def test_prompt_too_long_is_a_clear_error(setup):
     _, splits, tok = setup
     with pytest.raises(ValueError, match="data.prompt_len"):
         pipeline.Encode(tok.path, prompt_len=3).map(splits["train"][0])
+
+
+def _build(args):
+    data_dir, barrier = args
+    barrier.wait()
+    b = tfds_builder.build(tfds_builder.task_config("arith", 1, 2, 3000, 40, seed=7), data_dir)
+    return [tfds_builder.decode(r)["problem"] for r in b.as_data_source(split="eval")]
+
+
+def test_processes_building_the_same_dataset_at_once_all_get_it(tmp_path):
+    """A sweep's parallel runs on one data_dir may all find the dataset missing and build it together: the
+    builds race for the final directory, and the losers must use the winner's files (same examples)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with ctx.Pool(3) as pool:
+            problems = pool.map(_build, [(str(tmp_path), barrier)] * 3)
+    assert len(problems[0]) == 40 and problems[0] == problems[1] == problems[2]
+
+
+def test_a_build_that_lost_the_race_uses_the_finished_dataset(tmp_path, monkeypatch):
+    """The same race made certain: another builder finishes while this one is preparing, and tfds's final
+    rename then fails."""
+    config = tfds_builder.task_config("arith", 1, 2, 200, 20, seed=3)
+    prepare = tfds_builder.TschedTasks.download_and_prepare
+
+    def lose(self, *args, **kwargs):
+        prepare(tfds_builder.TschedTasks(config=config, data_dir=str(tmp_path), file_format="array_record"))
+        raise FileExistsError("Cannot rename ...incomplete...: destination already exists")
+
+    monkeypatch.setattr(tfds_builder.TschedTasks, "download_and_prepare", lose)
+    b = tfds_builder.build(config, str(tmp_path))
+    assert b.is_prepared() and len(b.as_data_source(split="eval")) == 20
+    monkeypatch.setattr(tfds_builder.TschedTasks, "download_and_prepare",
+                        lambda self, *a, **k: (_ for _ in ()).throw(FileExistsError("x")))
+    with pytest.raises(FileExistsError):  # nothing finished elsewhere: the error is real
+        tfds_builder.build(tfds_builder.task_config("arith", 1, 2, 200, 20, seed=4), str(tmp_path))

@@ -52,3 +52,26 @@ def test_hf_tokenizer_json_behind_the_same_interface(tmp_path):
     for t in corpus(20):
         assert tok.decode(tok.encode(t)) == t
     assert tok.decode([0] + tok.encode("gcd(4,6)") + [2] + tok.encode("junk")) == "gcd(4,6)"
+
+
+def test_runs_training_the_same_cached_model_at_once_all_get_it(tmp_path):
+    """A sweep's parallel runs on one data_dir may all miss the cache and train it together."""
+    import threading
+
+    path, texts, barrier, errors = str(tmp_path / "tok.model"), corpus(100), threading.Barrier(4), []
+
+    def train():
+        barrier.wait()
+        try:
+            train_tokenizer(texts, path, 64)
+        except Exception as e:  # noqa: BLE001 - the assertion below shows it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=train) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert os.listdir(tmp_path) == ["tok.model"]  # no temporary file left behind
+    assert Tokenizer(path).decode(Tokenizer(path).encode("gcd(12,8)")) == "gcd(12,8)"

@@ -61,11 +61,19 @@ class TschedTasks(tfds.core.GeneratorBasedBuilder):
 
 
 def build(config: TaskConfig, data_dir: str) -> TschedTasks:
-    """Builds the dataset if its files are not on disk yet; returns the builder."""
-    builder = TschedTasks(config=config, data_dir=data_dir, file_format="array_record")
+    """Builds the dataset if its files are not on disk yet; returns the builder. Runs that share a data_dir
+    may build the same dataset at once (a sweep's parallel runs): the one that finishes second finds the
+    other's files in place of its own, which hold the same examples, and uses them."""
+    make = lambda: TschedTasks(config=config, data_dir=data_dir, file_format="array_record")
+    builder = make()
     if not builder.is_prepared():
         tfds.disable_progress_bar()  # a few seconds of work; its progress bars would bury the run's output
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:
+            builder = make()
+            if not builder.is_prepared():
+                raise
     return builder
 
 

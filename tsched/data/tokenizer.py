@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from typing import Iterable
 
 import sentencepiece as spm
@@ -106,9 +107,11 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
         split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
-    # Write atomically: a killed run must never leave a half-written model that a resume would load.
-    tmp = model_path + ".tmp"
-    with open(tmp, "wb") as f:
+    # Write atomically: a killed run must never leave a half-written model that a resume would load. The
+    # temporary file is this writer's own, so runs training the same cached model at once do not collide.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(model_path)),
+                               prefix=os.path.basename(model_path) + ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
         f.write(proto.getvalue())
     os.replace(tmp, model_path)
     return Tokenizer(model_path)
