@@ -11,7 +11,8 @@ for every run; `--config.FIELD=VALUE` flags come after them).
 Runs are `tsched.main` processes (tsched.sweep's machinery) in `<root>/method=<label>,seed=<s>/`. Per seed
 the baseline's run does SFT; the seed's other methods start RL from its SFT checkpoint (`sft.warm_start`),
 so every method of a seed starts from the same parameters and the differences between methods are paired
-by seed; they take the baseline's evaluation before RL too (`eval.reuse_warm_start`) instead of repeating it. Runs go `--parallel` at a time (default: the CPU cores // RUN_THREADS). A run whose summary.json
+by seed; they take the baseline's evaluation before RL too (`eval.reuse_warm_start`) instead of repeating
+it. Runs go `--parallel` at a time (default: the CPU cores // RUN_THREADS). A run whose summary.json
 exists is skipped and an unfinished one resumes, so the same command continues a killed study; one line
 is printed per finished run.
 
