@@ -375,7 +375,7 @@ def _run(cfg, t_start, signals, mesh) -> str:
         "init_from": cfg.model.init_from, "data_source": cfg.data.source, "template": cfg.data.template,
         "rl_steps": cfg.rl.steps, "strategy": cfg.rl.credit.strategy, "schedule": cfg.rl.schedule.mode,
         "prompt_transform": cfg.rl.prompt_transform, "loss": cfg.rl.loss, "seed": cfg.seed,
-        "sft_warm_start": cfg.sft.warm_start, "eval_before_rl_from": before_from or str(run_dir),
+        "sft_warm_start": cfg.sft.warm_start, "eval_before_rl_from": before_from,
         "model_params": model_cfg.num_params(), "wall_time_s": time.time() - t_start,
     }
     path = run_dir / "summary.json"
