@@ -95,7 +95,7 @@ def test_rl_update_never_holds_the_whole_logits():
 
     Bp, G, P, Tn, Vb = 2, 2, 8, 512, 8192
     cfg = base_config()
-    cfg.rl.prompts_per_step, cfg.rl.group_size = Bp, G
+    cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.micro_batches = Bp, G, 1
     cfg.train.kl_metrics = False
     whole = model.ModelConfig(vocab_size=Vb, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                               ffn_dim=64)

@@ -20,11 +20,12 @@ SLOW = pytest.mark.slow  # more cases of a test whose first case runs in the fas
 
 
 def make_cfg(**rl):
+    """The base config at this file's batch shape, the update in one slice unless `micro_batches` says otherwise."""
     cfg = base_config()
     cfg.rl.group_size = G
     cfg.rl.prompts_per_step = B
     cfg.rl.steps = 10
-    for k, v in rl.items():
+    for k, v in {"micro_batches": 1, **rl}.items():
         set_field(cfg.rl, k, v)
     return cfg
 
@@ -88,6 +89,46 @@ def test_gradient_accumulation_equals_full_batch(tiny_model_cfg, tiny_params, mo
     # SGD with lr 1: the updates are the gradients; equal up to float32 summation order
     scale = max(np.abs(u).max() for u in jax.tree.leaves(updates[0]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), *updates)
+
+
+def sft_batch(vocab, seed=0):
+    """(prompts [4B, P] left-padded, prompt_lens, targets [4B, T] right-padded, target_lens): lengths from 1 to T."""
+    rng = np.random.default_rng(seed)
+    n = 4 * B
+    prompt_lens, target_lens = rng.integers(1, P + 1, n), rng.integers(1, T + 1, n)
+    target_lens[:2] = 1, T
+    prompts = np.where(np.arange(P)[None] >= P - prompt_lens[:, None], rng.integers(4, vocab, (n, P)), 0)
+    targets = np.where(np.arange(T)[None] < target_lens[:, None], rng.integers(4, vocab, (n, T)), 0)
+    return tuple(jnp.asarray(x, jnp.int32) for x in (prompts, prompt_lens, targets, target_lens))
+
+
+@pytest.mark.parametrize("micro,buckets", [(4, 1), (8, 3)])
+def test_sft_micro_batches_give_the_one_pass_step(tiny_model_cfg, tiny_params, micro, buckets):
+    """The SFT loss on a NumPy reference (token-mean negative log-likelihood of the targets, from the logits
+    of each row joined to its prompt), and the micro-batched, length-bucketed step's loss and SGD update
+    equal to the one-pass step's."""
+    data = sft_batch(tiny_model_cfg.vocab_size, seed=5)
+    prompts, prompt_lens, targets, target_lens = map(np.asarray, data)
+    tx = optax.sgd(1.0)
+    outs = [learner.make_sft_step(tiny_model_cfg, tx, None, m, b)(
+        learner.init_state(jax.tree.map(jnp.copy, tiny_params), tx), *data) for m, b in ((1, 1), (micro, buckets))]
+    (s0, m0), (s1, m1) = outs
+    nll = count = 0.0
+    for i in range(len(prompts)):
+        row = np.concatenate([prompts[i, P - prompt_lens[i]:], targets[i, :target_lens[i]]])
+        logits = np.asarray(model.forward(tiny_model_cfg, tiny_params, jnp.asarray(row[None])), np.float64)[0]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        start = prompt_lens[i] - 1  # the last prompt token predicts the first target
+        nll -= logp[np.arange(start, start + target_lens[i]), row[start + 1:]].sum()
+        count += target_lens[i]
+    assert float(m0["sft_loss"]) == pytest.approx(nll / count, rel=1e-5)
+    assert float(m1["sft_loss"]) == pytest.approx(float(m0["sft_loss"]), rel=1e-6)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m0["grad_norm"]), rel=1e-5)
+    scale = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(tiny_params)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * scale),
+                 s1["params"], s0["params"])
 
 
 def test_rl_warmup_raises_the_rate_linearly_then_holds_it():

@@ -119,18 +119,37 @@ def skip_if_not_finite(state, new_state, metrics):
     return guarded, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
 
 
-def make_sft_step(model_cfg, tx, mesh=None):
+def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_buckets: int = 1):
     """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens).
-    With `mesh`: explicit shardings (`_jit_step`) of a state without a key (`init_state(params, tx)`)."""
+
+    The rows run in `micro_batches` slices of similar target lengths, each at the smallest length bucket
+    holding it (`length_groups`, as the RL update groups its rows), and their summed losses and gradients
+    are divided once by the batch's target-token count: one optimizer step whose loss and gradient are
+    those of one pass over the whole padded batch. With `mesh`: explicit shardings (`_jit_step`) of a
+    state without a key (`init_state(params, tx)`)."""
 
     def sft_step(state, prompts, prompt_lens, targets, target_lens):
-        tokens, valid, mask = join(prompts, prompt_lens, targets, target_lens)
+        P, T = prompts.shape[1], targets.shape[1]
+        buckets = bucket_lengths(T, length_buckets)
+        mask = jnp.arange(T)[None, :] < target_lens[:, None]
+        order, bucket = length_groups(mask, micro_batches, buckets)
 
-        def loss_fn(params):
-            logp, _ = token_stats(model_cfg, params, tokens, valid, prompts.shape[1])
-            return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1)
+        def nll_sum(L, params, mb):  # summed negative log-likelihood of a micro-batch's targets, run at length L
+            tokens, valid, m = join(mb["prompts"], mb["prompt_lens"], mb["targets"][:, :L], mb["target_lens"])
+            logp, _ = token_stats(model_cfg, params, tokens, valid, P)
+            return -jnp.sum(logp * m)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        run = per_bucket(buckets, lambda L, mb: jax.value_and_grad(functools.partial(nll_sum, L))(state["params"], mb))
+
+        def body(carry, x):
+            i, mb = x
+            return jax.tree.map(jnp.add, carry, run(i, mb)), None
+
+        rows = {"prompts": prompts, "prompt_lens": prompt_lens, "targets": targets, "target_lens": target_lens}
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+        (total, grads), _ = jax.lax.scan(body, zeros, (bucket, jax.tree.map(lambda x: grouped(x, order), rows)))
+        count = jnp.maximum(jnp.sum(mask), 1)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         metrics = {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
         return skip_if_not_finite(state, _apply(tx, state, grads), metrics)
 

@@ -449,7 +449,7 @@ def _sft(cfg, model_cfg, params, train_source, tok, writer, ckpt, signals, resum
         _say(f"SFT warm start: step {steps} of {cfg.sft.warm_start}")
         return state["params"], True
     mesh = sharding.mesh_of(params)
-    step_fn = learner.make_sft_step(model_cfg, tx, mesh)
+    step_fn = learner.make_sft_step(model_cfg, tx, mesh, cfg.sft.micro_batches, cfg.sft.length_buckets)
     encode = pipeline.encoder(cfg, tok, solutions=True)
     it = _train_batches(train_source, encode, cfg.sft.batch_size, cfg.seed + 1)
     saver = _Saver(cfg, "sft", steps, ckpt, signals)
