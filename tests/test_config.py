@@ -71,6 +71,11 @@ def test_bad_argument_of_a_parameterised_config_is_one_line(tmp_path):
     ("rl.temperature", 0.0, "rl.temperature"),
     ("eval.temperature", -0.5, "eval.temperature"),
     ("rl.micro_batches", 3, "rl.micro_batches"),
+    ("rl.micro_batches", -1, "rl.micro_batches"),
+    ("sft.micro_batches", 3, "sft.micro_batches"),  # must divide sft.batch_size (64)
+    ("sft.micro_batches", -1, "sft.micro_batches"),
+    ("sft.length_buckets", 0, "sft.length_buckets"),
+    ("sft.length_buckets", 9, "sft.length_buckets"),  # 2^8 > data.max_solution_tokens (112)
     ("rl.prompts_per_pass", 3, "rl.prompts_per_pass"),  # must divide rl.prompts_per_step (16)
     ("rl.prompts_per_pass", -1, "rl.prompts_per_pass"),
     ("rl.length_buckets", 0, "rl.length_buckets"),

@@ -120,9 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.lr = 3e-3
     c.sft.warmup_steps = 50
     # Gradient accumulation, as rl.micro_batches / rl.length_buckets: the batch runs in this many slices of
-    # similar target lengths (one optimizer step; the same loss and gradient as one pass). Slices of 8 rows
-    # keep the activations in cache: an SFT step of the default experiment takes 0.36 s instead of 0.53.
-    c.sft.micro_batches = 8
+    # similar target lengths (one optimizer step; the same loss and gradient as one pass); 0 = auto (slices
+    # of >= 1024 tokens, tsched.train.learner.auto_slices: 8 here, an SFT step 0.36 s instead of 0.53).
+    c.sft.micro_batches = 0
     c.sft.length_buckets = 1
     # A run directory whose final SFT checkpoint this run starts RL from instead of running SFT itself
     # (tsched.study shares one SFT per seed among methods). Its SFT must be the one this config would run:
@@ -146,9 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.lr = 1e-4
     c.rl.warmup_steps = 0  # optimizer steps over which the RL rate rises linearly from 0 to rl.lr; 0 = constant
     c.rl.max_grad_norm = 1.0
-    # Gradient accumulation: one optimizer step over this many slices (equal loss and gradient). Slices of
-    # 16 rows run the default experiment's update in 1.0 s instead of 1.3 (1.55 vs 2.1 s beside another run).
-    c.rl.micro_batches = 8
+    # Gradient accumulation: one optimizer step over this many slices of each mini-batch (equal loss and
+    # gradient, except for criteria with batch statistics, which take the slice's). 0 = auto
+    # (tsched.train.learner.rl_slices): slices of >= 1024 tokens, one slice for those criteria; here 8
+    # slices, the update 1.0 s instead of 1.3 (1.55 vs 2.1 s beside another run).
+    c.rl.micro_batches = 0
     c.rl.mini_batches = 1  # optimizer steps per pass over a rollout batch (1 with epochs 1: on-policy)
     c.rl.epochs = 1  # passes over each rollout batch
     # Update cost that follows response lengths: micro-batches of length-sorted rows run at the smallest of
@@ -249,7 +251,8 @@ def sft_steps(cfg) -> int:
 # Fields that decide what SFT produces (with sft_steps(cfg)): a warm start must agree on all of them, so
 # starting from it gives exactly the parameters this run's own SFT would have given.
 WARM_START_FIELDS = ("seed", "data.", "tokenizer.", "model.", "sft.")
-_WARM_START_FREE = ("data.data_dir", "sft.warm_start")
+# The SFT's slicing changes only the order of float sums, as the mesh does.
+_WARM_START_FREE = ("data.data_dir", "sft.warm_start", "sft.micro_batches", "sft.length_buckets")
 
 
 # Fields that decide the evaluation before RL besides the parameters (its key is the seed's; the sampling
@@ -260,8 +263,8 @@ _EVAL_FREE = ("data.data_dir", "eval.every", "eval.reuse_warm_start")
 
 
 # Fields added with a default other than the behaviour before them: the value a run written before the
-# field existed ran with (the default experiment's slips came with the field; SFT ran in one slice).
-VALUE_BEFORE_FIELD = {"data.solution_error_rate": 0.0, "sft.micro_batches": 1}
+# field existed ran with (the default experiment's slips came with the field).
+VALUE_BEFORE_FIELD = {"data.solution_error_rate": 0.0}
 
 
 def config_differences(cfg, saved_json: str, compared=None, free=()) -> list[str]:
@@ -395,15 +398,16 @@ _RANGES = {
     **{f: _positive for f in ("data.train_size", "data.eval_size", "data.prompt_len", "data.max_solution_tokens",
                               "tokenizer.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                               "model.n_kv_heads", "model.head_dim", "model.ffn_dim", "model.rope_theta",
-                              "model.norm_eps", "sft.batch_size", "sft.lr", "sft.micro_batches", "sft.length_buckets", "rl.steps", "rl.prompts_per_step",
+                              "model.norm_eps", "sft.batch_size", "sft.lr", "sft.length_buckets", "rl.steps", "rl.prompts_per_step",
                               "rl.max_new_tokens", "rl.temperature", "rl.lr", "rl.max_grad_norm",
-                              "rl.micro_batches", "rl.mini_batches", "rl.epochs", "rl.length_buckets",
+                              "rl.mini_batches", "rl.epochs", "rl.length_buckets",
                               "rl.credit.kappa", "rl.schedule.total_steps", "rl.schedule.gamma", "verify.num_workers",
                               "verify.timeout_s", "verify.max_chars", "eval.num_problems", "eval.batch_size",
                               "eval.samples", "train.checkpoint_every",
                               "train.keep_checkpoints", "train.log_every", "train.max_bad_steps")},
     "sft.steps": (lambda v: v >= -1, "must be >= 0, or -1 for auto (400 from scratch, 0 with model.init_from)"),
-    **{f: _non_negative for f in ("model.logits_chunk", "model.attn_block", "eval.every", "sft.warmup_steps",
+    **{f: _non_negative for f in ("sft.micro_batches", "rl.micro_batches", "model.logits_chunk", "model.attn_block",
+                                  "eval.every", "sft.warmup_steps",
                                   "rl.warmup_steps", "rl.prompts_per_pass", "rl.top_k", "rl.kl_coef", "rl.entropy_coef",
                                   "rl.credit.alpha", "rl.clip_high", "verify.memory_mb", "eval.temperature",
                                   "rl.credit.empg_k", "rl.credit.empg_k_f", "rl.credit.empg_zeta",
@@ -496,14 +500,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _fail("rl.prompts_per_pass", rl.prompts_per_pass, f"must divide rl.prompts_per_step ({rl.prompts_per_step}); "
                                                           f"0 = all at once")
     n = rl.prompts_per_step * rl.group_size
-    if cfg.sft.batch_size % cfg.sft.micro_batches:
+    if cfg.sft.micro_batches and cfg.sft.batch_size % cfg.sft.micro_batches:
         _fail("sft.micro_batches", cfg.sft.micro_batches, f"must divide sft.batch_size ({cfg.sft.batch_size})")
     if 2 ** (cfg.sft.length_buckets - 1) > cfg.data.max_solution_tokens:
         _fail("sft.length_buckets", cfg.sft.length_buckets, f"must be <= 1 + log2(data.max_solution_tokens = "
                                                             f"{cfg.data.max_solution_tokens})")
     if n % rl.mini_batches:
         _fail("rl.mini_batches", rl.mini_batches, f"must divide rl.prompts_per_step * rl.group_size = {n}")
-    if (n // rl.mini_batches) % rl.micro_batches:
+    if rl.micro_batches and (n // rl.mini_batches) % rl.micro_batches:
         _fail("rl.micro_batches", rl.micro_batches, f"must divide the mini-batch of {n // rl.mini_batches} sequences "
                                                     f"(rl.prompts_per_step * rl.group_size / rl.mini_batches)")
     if 2 ** (rl.length_buckets - 1) > rl.max_new_tokens:

@@ -20,12 +20,11 @@ SLOW = pytest.mark.slow  # more cases of a test whose first case runs in the fas
 
 
 def make_cfg(**rl):
-    """The base config at this file's batch shape, the update in one slice unless `micro_batches` says otherwise."""
     cfg = base_config()
     cfg.rl.group_size = G
     cfg.rl.prompts_per_step = B
     cfg.rl.steps = 10
-    for k, v in {"micro_batches": 1, **rl}.items():
+    for k, v in rl.items():
         set_field(cfg.rl, k, v)
     return cfg
 
@@ -129,6 +128,25 @@ def test_sft_micro_batches_give_the_one_pass_step(tiny_model_cfg, tiny_params, m
                 for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(tiny_params)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * scale),
                  s1["params"], s0["params"])
+
+
+def test_auto_slices_keep_1024_tokens_and_batch_statistics_whole():
+    # the default experiment: SFT 64 rows x (32 + 112) tokens, RL 128 rows x 112 response positions
+    assert learner.auto_slices(64, 144) == 8 and learner.auto_slices(128, 112) == 8
+    assert learner.auto_slices(96, 112) == 8  # 12 rows (1,344 tokens); 12 slices would leave 896 each
+    assert learner.auto_slices(16, 60) == 1 and learner.auto_slices(1, 4096) == 1
+    rl = base_config().rl
+    assert (rl.micro_batches, learner.rl_slices(rl, 128, 112)) == (0, 8)
+    for field, value in (("credit.strategy", "forking_batch"), ("credit.strategy", "empg"), ("loss", "clip_cov"),
+                         ("loss", "kl_cov")):
+        cfg = make_cfg(**{field: value})
+        assert learner.rl_slices(cfg.rl, 128, 112) == 1, value
+    d3s = make_cfg(**{"credit.strategy": "d3s"})
+    assert learner.rl_slices(d3s.rl, 128, 112) == 8
+    d3s.rl.credit.d3s_scope = "batch"
+    assert learner.rl_slices(d3s.rl, 128, 112) == 1
+    explicit = make_cfg(micro_batches=4, loss="clip_cov")
+    assert learner.rl_slices(explicit.rl, 128, 112) == 4  # an explicit count is kept, batch statistics or not
 
 
 def test_rl_warmup_raises_the_rate_linearly_then_holds_it():

@@ -24,6 +24,15 @@ register_normalizer("selected_tokens")(lambda selected, valid: selected)  # the 
 register_normalizer("valid_tokens")(lambda selected, valid: valid)  # the 80/20 paper, TRL
 
 
+def uses_batch_statistics(rl) -> bool:
+    """Whether the credit criterion or token loss of `rl` reads statistics of the whole (micro-)batch
+    (thresholds, min / max, means, top-k over all valid tokens): with gradient accumulation they are the
+    micro-batch's, so the number of micro-batches changes what these compute."""
+    c = rl.credit
+    return (c.strategy in ("forking_batch", "empg") or (c.strategy == "d3s" and c.d3s_scope == "batch")
+            or rl.loss in ("clip_cov", "kl_cov"))
+
+
 def stage_masks(mask):
     """Token position as a fraction of its response length [N, T], and masks per trajectory stage.
 

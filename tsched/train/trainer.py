@@ -145,9 +145,10 @@ class _Signals:
 
 
 # Fields that may differ between a run_dir's config.json and the config resuming it: where things are,
-# how often to log and checkpoint, the mesh, the verifier pool's size. Everything else changes the result.
+# how often to log and checkpoint, the mesh and the SFT's slicing (both change only the order of float sums),
+# the verifier pool's size. Everything else changes the result.
 _RESUME_FREE = ("run_dir", "data.data_dir", "train.", "mesh.", "verify.num_workers", "eval.batch_size",
-                "rl.prompts_per_pass")
+                "rl.prompts_per_pass", "sft.micro_batches", "sft.length_buckets")
 
 
 def _checkpoint_dirs(run_dir) -> dict:
