@@ -70,8 +70,10 @@ def check(mesh_shape, memory_saving=False):
                                     batch["lengths"][::G]))
         if mesh is not None:
             sft_batch = sharding.place_batch(sft_batch, mesh)
-        sft_state, sft_m = learner.make_sft_step(mcfg, tx, mesh)(learner.init_state(jax.tree.map(jnp.copy, p), tx),
-                                                                 *sft_batch)
+        # SFT in 2 slices of 4 rows at 2 length buckets; RL in one (auto at this small batch)
+        assert learner.rl_slices(cfg.rl, B * G, T) == 1
+        sft_state, sft_m = learner.make_sft_step(mcfg, tx, mesh, 2, 2)(
+            learner.init_state(jax.tree.map(jnp.copy, p), tx), *sft_batch)
         if mesh is not None:  # the steps' outputs carry exactly the declared shardings
             want = learner.state_shardings(mcfg, tx, mesh)
             jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding.is_equivalent_to(s, x.ndim), True),
@@ -85,6 +87,7 @@ def check(mesh_shape, memory_saving=False):
     sharded_params = jax.device_put(params, shardings)
     assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(sharded_params))
     with jax.set_mesh(mesh):  # as the trainer runs: the model pins its activations' rows to the mesh
+        assert sharding.row_shards() == mesh_shape[0] * mesh_shape[1]
         multi = run(sharded_params, mesh)
     np.testing.assert_array_equal(multi[0], single[0])
     for got, want in zip(multi[1:], single[1:]):

@@ -129,6 +129,14 @@ def pin_rows(x):
     return jax.lax.with_sharding_constraint(x, P(axes, positions))
 
 
+def row_shards() -> int:
+    """Into how many parts the batch axes split rows in a function traced under `jax.set_mesh(mesh)`; 1
+    off a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes.get(a, 1) for a in BATCH)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -135,6 +135,9 @@ def test_auto_slices_keep_1024_tokens_and_batch_statistics_whole():
     assert learner.auto_slices(64, 144) == 8 and learner.auto_slices(128, 112) == 8
     assert learner.auto_slices(96, 112) == 8  # 12 rows (1,344 tokens); 12 slices would leave 896 each
     assert learner.auto_slices(16, 60) == 1 and learner.auto_slices(1, 4096) == 1
+    # rows sharded over devices: every slice splits evenly over them
+    assert learner.auto_slices(128, 112, row_shards=32) == 4 and learner.auto_slices(64, 144, row_shards=16) == 4
+    assert learner.auto_slices(24, 1024, row_shards=16) == 1  # no count splits evenly: one slice
     rl = base_config().rl
     assert (rl.micro_batches, learner.rl_slices(rl, 128, 112)) == (0, 8)
     for field, value in (("credit.strategy", "forking_batch"), ("credit.strategy", "empg"), ("loss", "clip_cov"),

@@ -132,7 +132,7 @@ def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_bucke
         (B, P), T = prompts.shape, targets.shape[1]
         buckets = bucket_lengths(T, length_buckets)
         mask = jnp.arange(T)[None, :] < target_lens[:, None]
-        order, bucket = length_groups(mask, micro_batches or auto_slices(B, P + T), buckets)
+        order, bucket = length_groups(mask, micro_batches or auto_slices(B, P + T, sharding.row_shards()), buckets)
 
         def nll_sum(L, params, mb):  # summed negative log-likelihood of a micro-batch's targets, run at length L
             tokens, valid, m = join(mb["prompts"], mb["prompt_lens"], mb["targets"][:, :L], mb["target_lens"])
@@ -159,13 +159,15 @@ def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_bucke
 AUTO_SLICE_TOKENS = 1024
 
 
-def auto_slices(rows: int, tokens_per_row: int) -> int:
+def auto_slices(rows: int, tokens_per_row: int, row_shards: int = 1) -> int:
     """How many micro-batches `micro_batches = 0` (auto) runs `rows` rows of `tokens_per_row` padded tokens
-    in: the most equal slices that keep at least AUTO_SLICE_TOKENS tokens each (1 for a smaller batch).
-    Measured on the README's 2-core CPU: a slice of that size still fills the matmuls while its
-    activations stay in cache (the default experiment's update 1.3 -> 1.0 s in 8 slices, its SFT step
-    0.53 -> 0.36 s); on an accelerator, set the count for memory instead."""
-    fits = [d for d in range(1, rows + 1) if rows % d == 0 and rows // d * tokens_per_row >= AUTO_SLICE_TOKENS]
+    in: the most equal slices that keep at least AUTO_SLICE_TOKENS tokens each and split evenly over the
+    `row_shards` devices the rows are sharded over (1 when none does). Measured on the README's 2-core CPU:
+    a slice of that size still fills the matmuls while its activations stay in cache (the default
+    experiment's update 1.3 -> 1.0 s in 8 slices, its SFT step 0.53 -> 0.36 s); on an accelerator, set
+    the count for memory instead."""
+    fits = [d for d in range(1, rows + 1) if rows % d == 0 and rows // d % row_shards == 0
+            and rows // d * tokens_per_row >= AUTO_SLICE_TOKENS]
     return max(fits, default=1)
 
 
@@ -175,7 +177,7 @@ def rl_slices(rl, rows: int, tokens_per_row: int) -> int:
     result the slicing would change: auto only ever picks a count that computes the same update."""
     if rl.micro_batches:
         return rl.micro_batches
-    return 1 if objective.uses_batch_statistics(rl) else auto_slices(rows, tokens_per_row)
+    return 1 if objective.uses_batch_statistics(rl) else auto_slices(rows, tokens_per_row, sharding.row_shards())
 
 
 def micro_split(x, M: int):
