@@ -9,7 +9,7 @@ a 0.6M-parameter decoder the steps (greedy accuracy about 99%) and, with them, t
 temperature 1 it fails about 40% of problems, at any point of the trace. Then 80 RL steps of 16 prompts
 x 8 samples with the trajectory-percentile criterion under the paper's linear schedule (r from 0.99 to 0
 over the first 80% of steps), and evaluation on 500 held-out problems (avg@4 and greedy). About 7
-minutes here; docs/results.md has the measured result over seeds 0, 1, 2 (+14 to +19 points avg@4). Sweep any field by flag, e.g.
+minutes here; docs/results.md has the measured result over seeds 0, 1, 2 (+16 to +20 points avg@4). Sweep any field by flag, e.g.
 `--config.rl.steps=160 --config.rl.schedule.mode=sigmoid --config.run_dir=runs/sigmoid`.
 """
 
