@@ -122,17 +122,17 @@ def skip_if_not_finite(state, new_state, metrics):
 def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_buckets: int = 1):
     """Teacher-forced next-token loss on the reference solutions (token-mean over target tokens).
 
-    The rows run in `micro_batches` slices (0 = `auto_slices` of the batch) of similar target lengths, each at the smallest length bucket
-    holding it (`length_groups`, as the RL update groups its rows), and their summed losses and gradients
-    are divided once by the batch's target-token count: one optimizer step whose loss and gradient are
-    those of one pass over the whole padded batch. With `mesh`: explicit shardings (`_jit_step`) of a
+    The rows run in `micro_batches` slices (0 = auto, `slices`) of similar target lengths, each at the
+    smallest length bucket holding it (`length_groups`, as the RL update groups its rows); their summed
+    losses and gradients are divided once by the batch's target-token count: one optimizer step whose loss
+    and gradient are those of one pass over the whole padded batch. With `mesh`: explicit shardings (`_jit_step`) of a
     state without a key (`init_state(params, tx)`)."""
 
     def sft_step(state, prompts, prompt_lens, targets, target_lens):
         (B, P), T = prompts.shape, targets.shape[1]
         buckets = bucket_lengths(T, length_buckets)
         mask = jnp.arange(T)[None, :] < target_lens[:, None]
-        order, bucket = length_groups(mask, micro_batches or auto_slices(B, P + T, sharding.row_shards()), buckets)
+        order, bucket = length_groups(mask, slices(micro_batches, B, P + T), buckets)
 
         def nll_sum(L, params, mb):  # summed negative log-likelihood of a micro-batch's targets, run at length L
             tokens, valid, m = join(mb["prompts"], mb["prompt_lens"], mb["targets"][:, :L], mb["target_lens"])
@@ -140,14 +140,9 @@ def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_bucke
             return -jnp.sum(logp * m)
 
         run = per_bucket(buckets, lambda L, mb: jax.value_and_grad(functools.partial(nll_sum, L))(state["params"], mb))
-
-        def body(carry, x):
-            i, mb = x
-            return jax.tree.map(jnp.add, carry, run(i, mb)), None
-
         rows = {"prompts": prompts, "prompt_lens": prompt_lens, "targets": targets, "target_lens": target_lens}
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-        (total, grads), _ = jax.lax.scan(body, zeros, (bucket, jax.tree.map(lambda x: grouped(x, order), rows)))
+        total, grads = scan_sum(lambda x: run(*x), zeros, (bucket, jax.tree.map(lambda x: grouped(x, order), rows)))
         count = jnp.maximum(jnp.sum(mask), 1)
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         metrics = {"sft_loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -171,13 +166,23 @@ def auto_slices(rows: int, tokens_per_row: int, row_shards: int = 1) -> int:
     return max(fits, default=1)
 
 
+def slices(requested: int, rows: int, tokens_per_row: int) -> int:
+    """A `micro_batches` field's count: `requested`, or for 0 `auto_slices` on the mesh being traced."""
+    return requested or auto_slices(rows, tokens_per_row, sharding.row_shards())
+
+
 def rl_slices(rl, rows: int, tokens_per_row: int) -> int:
-    """The RL update's micro-batches over `rows` rows: `rl.micro_batches`, or for 0 (auto) `auto_slices`,
-    but one slice for criteria and losses with batch statistics (`objective.uses_batch_statistics`), whose
-    result the slicing would change: auto only ever picks a count that computes the same update."""
-    if rl.micro_batches:
-        return rl.micro_batches
-    return 1 if objective.uses_batch_statistics(rl) else auto_slices(rows, tokens_per_row, sharding.row_shards())
+    """The RL update's micro-batches over `rows` rows: `slices(rl.micro_batches)`, but with 0 (auto) one
+    slice for criteria and losses with batch statistics (`objective.uses_batch_statistics`), whose result
+    the slicing would change: auto only ever picks a count that computes the same update."""
+    auto_whole = not rl.micro_batches and objective.uses_batch_statistics(rl)
+    return 1 if auto_whole else slices(rl.micro_batches, rows, tokens_per_row)
+
+
+def scan_sum(f, init, xs):
+    """The sum of `init` and f(x) over the leading axis of `xs` (pytrees), one `lax.scan`: gradient
+    accumulation over micro-batches."""
+    return jax.lax.scan(lambda carry, x: (jax.tree.map(jnp.add, carry, f(x)), None), init, xs)[0]
 
 
 def micro_split(x, M: int):
@@ -295,7 +300,7 @@ def row_tokens(rl, prompt: dict, T: int) -> int:
 
 def score(rl, model_cfg, params, rows: dict, prompt: dict):
     """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
-    them), in `rl.micro_batches` slices grouped and bucketed by length as the update runs them (zero past
+    them), in `rl_slices` slices grouped and bucketed by length as the update runs them (zero past
     each row's bucket): the old policy of several updates per rollout."""
     N, T = rows["mask"].shape
     buckets = bucket_lengths(T, rl.length_buckets)
@@ -327,7 +332,7 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     into the one step. Only the model runs shorter: the loss sees the [R, T] arrays of the padded
     computation (`response_stats`), so its value and gradient equal one pass over the joined rows at full
     length (tested). Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope,
-    clip_cov, kl_cov) take them over these length-sorted micro-batches.
+    clip_cov, kl_cov) take them over these length-sorted micro-batches (auto keeps them in one).
     """
     N, T = rows["mask"].shape
     M = rl_slices(rl, N, row_tokens(rl, prompt, T))
@@ -350,14 +355,14 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     grad = lambda L, mb: jax.value_and_grad(functools.partial(micro, L), (0, 1), has_aux=True)(params, kv, mb)
     run = per_bucket(buckets, grad)
 
-    def body(carry, mb):
+    def step(mb):
         (n, (d, s)), g = run(mb["bucket"], mb)
-        return jax.tree.map(jnp.add, carry, (g, n, d, s)), None
+        return g, n, d, s
 
     zeros = jax.tree.map(jnp.zeros_like, (params, kv))
     first = jax.tree.map(lambda x: x[0], mbs)
     sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, kv, first)[1][1]))
-    ((g_params, g_kv), num, den, sums), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, sums0), mbs)
+    (g_params, g_kv), num, den, sums = scan_sum(step, (zeros, 0.0, 0.0, sums0), mbs)
     grads = jax.tree.map(jnp.add, g_params, kv_vjp(g_kv)[0]) if once else g_params
     den = jnp.maximum(den, 1e-8)
     return num / den, jax.tree.map(lambda g: g / den, grads), sums
