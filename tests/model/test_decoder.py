@@ -59,13 +59,14 @@ def test_causality(tiny_model_cfg, tiny_params):
 
 def test_rope_is_relative():
     # Attention scores of rotated q, k depend only on the position difference.
-    inv = decoder.rope_inv_freq(decoder.ModelConfig(vocab_size=1, d_model=8, n_layers=1, n_heads=1,
-                                                    n_kv_heads=1, head_dim=8, ffn_dim=8))
+    cfg = decoder.ModelConfig(vocab_size=1, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, ffn_dim=8)
     q, k = jax.random.normal(jax.random.key(5), (2, 1, 1, 1, 8))
-    score = lambda pq, pk: float(jnp.sum(decoder.apply_rope(q, jnp.array([[pq]]), inv) *
-                                         decoder.apply_rope(k, jnp.array([[pk]]), inv)))
+    table = decoder.rope_table(cfg, 16)
+    score = lambda pq, pk, t=None: float(jnp.sum(decoder.apply_rope(q, *decoder.rope(cfg, jnp.array([[pq]]), t)) *
+                                                 decoder.apply_rope(k, *decoder.rope(cfg, jnp.array([[pk]]), t))))
     assert score(3, 1) == pytest.approx(score(10, 8), rel=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+    assert score(3, 1, table) == pytest.approx(score(3, 1), rel=1e-6)  # the decode's lookup
 
 
 @pytest.mark.parametrize("variant", [{"remat": True}, {"scan_layers": False}, {"scan_layers": False, "remat": True}])

@@ -85,10 +85,26 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     return jnp.where(wavelen > low_wavelen, inv / factor, jnp.where(wavelen < high_wavelen, inv, mid))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half convention of HF Llama / Qwen)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+def rope(cfg: ModelConfig, positions: jax.Array, table: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, Dh/2] of the rotary angles at positions [B, T], computed, or looked up in a
+    `table` from `rope_table`: a decode step looks them up, because XLA:CPU fused cos and sin into each
+    rotation and evaluated them once per head and half-dimension element (~10% of a decode step)."""
+    if table is not None:
+        return table[0][positions], table[1][positions]
+    angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_table(cfg: ModelConfig, n: int) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [n, Dh/2] of positions 0 .. n - 1, for `rope(..., table)`."""
+    cos, sin = rope(cfg, jnp.arange(n)[None])
+    return cos[0], sin[0]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, Dh] rotated by the angles of `rope` (cos, sin [B, T, Dh/2]; rotate-half convention of HF
+    Llama / Qwen)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -364,8 +380,8 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, write_index=0, prompt=None):
-        """prompt: None, or a pair (this layer's keys and values of a shared prompt {'k', 'v'}, prompt_rows),
+    def __call__(self, x, angles, mask, cache=None, write_index=0, prompt=None):
+        """angles: (cos, sin) of the tokens' positions (`rope`). prompt: None, or a pair (this layer's keys and values of a shared prompt {'k', 'v'}, prompt_rows),
         and `mask` then covers the prompt slots first: with a cache, decoding over the prompt cache (see
         `attention_over_prompt`); without one, a full pass whose rows continue the prompts (the update's
         responses), each row attending over its prompt's keys, gathered, and then its own.
@@ -387,8 +403,7 @@ class Block(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.norm_eps, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, "head_dim", name="k_norm")(k)
-        inv_freq = rope_inv_freq(cfg)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, *angles), apply_rope(k, *angles)
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, Dh, T], [B, K, T, Dh]
         own = {"k": k, "v": v}
 
@@ -455,7 +470,7 @@ class Decoder(nn.Module):
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(cfg, name="layers")(x, positions, mask)
+        x, _ = layers(cfg, name="layers")(x, rope(cfg, positions), mask)
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if not cfg.tie_embeddings:
             params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model)
@@ -486,9 +501,10 @@ def full_pass(cfg: ModelConfig, params: Params, tokens, positions, mask, prompt=
     x = jnp.take(params["embedding"], tokens, axis=0)
     block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
     rows = None if prompt is None else prompt[1]
+    angles = rope(cfg, positions)
 
     def layer(x, layer_params, layer_prompt):
-        return block.apply({"params": layer_params}, x, positions, mask,
+        return block.apply({"params": layer_params}, x, angles, mask,
                            prompt=None if layer_prompt is None else (layer_prompt, rows))
 
     prompt_kv = None if prompt is None else prompt[0]
@@ -504,29 +520,33 @@ def full_pass(cfg: ModelConfig, params: Params, tokens, positions, mask, prompt=
     return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), kv
 
 
-def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None):
+def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None,
+                   rope_at=None):
     """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache)."""
-    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt)
+    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt, rope_at)
     return unembed(cfg, params, x), cache
 
 
-def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None):
+def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None,
+                    rope_at=None):
     """Cached decoding (the sampler's prefill and decode steps), with layers unrolled in Python over
     `params` from `unstack_layers`.
 
     tokens, positions [B, T]; mask [B, T, S] bool; the tokens are written at slot `write_index` of a cache
     that is a tuple over layers of {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden
     states [B, T, D], updated cache). prompt: None, or (prompt cache, prompt_rows) for decoding over a
-    shared prompt cache (tuple over layers like `cache`; see `attention_over_prompt`).
+    shared prompt cache (tuple over layers like `cache`; see `attention_over_prompt`). rope_at: None, or a
+    `rope_table` covering the positions, to look the rotary angles up in.
     Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
     and re-stack the whole cache on every token.
     """
     x = jnp.take(params["embedding"], tokens, axis=0)
     block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
     prompts = [None] * len(cache) if prompt is None else [(pc, prompt[1]) for pc in prompt[0]]
+    angles = rope(cfg, positions, rope_at)
     new_cache = []
     for layer_params, layer_cache, layer_prompt in zip(params["layers"], cache, prompts, strict=True):
-        x, layer_cache = block.apply({"params": layer_params}, x, positions, mask, layer_cache, write_index,
+        x, layer_cache = block.apply({"params": layer_params}, x, angles, mask, layer_cache, write_index,
                                      layer_prompt)
         new_cache.append(layer_cache)
     return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), tuple(new_cache)

@@ -149,7 +149,8 @@ def _prefill(cfg: ModelConfig, scfg: SamplingConfig, width: int, mesh, params, p
     logits, cache = model_lib.apply_unrolled(cfg, layers, prompts, positions, mask,
                                              model_lib.init_cache(cfg, B, P, value_dtype), 0)
     N, T = B * G, scfg.max_new_tokens
-    prompt = {"cache": _pin_cache(cache, mesh), "valid": valid, "lens": prompt_lens}
+    prompt = {"cache": _pin_cache(cache, mesh), "valid": valid, "lens": prompt_lens,
+              "rope": model_lib.decoder.rope_table(cfg, P + T)}
     state = {"i": jnp.int32(0), "rows": jnp.arange(N, dtype=jnp.int32),
              "cache": model_lib.init_cache(cfg, N, width, value_dtype),
              "last": jnp.repeat(logits[:, -1], G, axis=0), "done": caps <= 0,
@@ -185,7 +186,8 @@ def _decode(cfg: ModelConfig, scfg: SamplingConfig, mesh, layers, prompt, state,
         own = jnp.arange(st["cache"][0]["v"].shape[2]) <= i
         mask = jnp.concatenate([prompt["valid"][group], jnp.broadcast_to(own, (rows.shape[0], own.shape[0]))], 1)
         logits, cache = model_lib.apply_unrolled(cfg, layers, tok[:, None], (prompt["lens"][group] + i)[:, None],
-                                                 mask[:, None], st["cache"], i, (prompt["cache"], prompt_rows))
+                                                 mask[:, None], st["cache"], i, (prompt["cache"], prompt_rows),
+                                                 prompt["rope"])
         return {"i": i + 1, "rows": rows, "cache": cache, "last": logits[:, 0], "done": done,
                 "tokens": st["tokens"].at[rows, i].set(tok), "logp": st["logp"].at[rows, i].set(logp),
                 "lengths": lengths}
