@@ -21,20 +21,26 @@ def test_param_count_and_logical_axes(tiny_model_cfg, tiny_params):
     assert specs["layers"]["q"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
 
 
+@pytest.mark.parametrize("sampler_form", [False, True], ids=["plain", "fused_qkv_rope_table"])
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "qkv_bias": True, "tie_embeddings": False},
                                      {"rope_scaling": (8.0, 1.0, 4.0, 16)}, {"dtype": "bfloat16"}])
-def test_cached_decode_equals_full_forward(tiny_model_cfg, variant):
+def test_cached_decode_equals_full_forward(tiny_model_cfg, variant, sampler_form):
+    # sampler_form: the weights and rotary angles as the sampler passes them (q, k, v joined into one
+    # matmul, angles looked up in a table).
     cfg = dataclasses.replace(tiny_model_cfg, **variant)
     params = model.init_params(cfg, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (3, 10), 0, cfg.vocab_size)
     full = model.forward(cfg, params, tokens)
-    cache, layers = model.init_cache(cfg, 3, 10), model.unstack_layers(params)
+    cache, layers = model.init_cache(cfg, 3, 10), model.unstack_layers(params, fuse_qkv=sampler_form)
+    assert ("qkv" in layers["layers"][0]) == sampler_form and ("q" in layers["layers"][0]) != sampler_form
+    table = decoder.rope_table(cfg, 10) if sampler_form else None
     slots = jnp.arange(10)
     outs = []
     step = jax.jit(functools.partial(model.apply_unrolled, cfg))  # the slot t traced: one compilation
     for t in range(10):  # one token at a time through the cache
         mask = jnp.broadcast_to((slots <= t)[None, None, :], (3, 1, 10))
-        logits, cache = step(layers, tokens[:, t:t + 1], jnp.full((3, 1), t), mask, cache, jnp.int32(t))
+        logits, cache = step(layers, tokens[:, t:t + 1], jnp.full((3, 1), t), mask, cache, jnp.int32(t),
+                             rope_at=table)
         outs.append(logits[:, 0])
     tol = 1e-4 if cfg.dtype == "float32" else 5e-2
     np.testing.assert_allclose(np.asarray(jnp.stack(outs, 1)), np.asarray(full), atol=tol, rtol=tol)

@@ -121,10 +121,11 @@ def _pin_state(state, mesh):
 
 
 def _decode_weights(cfg: ModelConfig, params, mesh):
-    """The per-layer weights the decode reads (`unstack_layers`), tensor-parallel (`sharding.DECODE_RULES`)."""
-    layers = model_lib.unstack_layers(params)
+    """The per-layer weights the decode reads (`unstack_layers`): off a mesh with q, k, v joined, on one
+    tensor-parallel (`sharding.DECODE_RULES`), heads split as the caches."""
     if mesh is None:
-        return layers
+        return model_lib.unstack_layers(params, fuse_qkv=True)
+    layers = model_lib.unstack_layers(params)
     specs = model_lib.logical_axes(cfg)
     specs = {**specs, "layers": tuple(jax.tree.map(lambda s: jax.sharding.PartitionSpec(*s[1:]), specs["layers"],
                                                    is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
