@@ -15,9 +15,10 @@ shapes, each compiled once. Randomness is per row and step (`fold_in(fold_in(rng
 tokens do not depend on which rows share its batch: equal keys give equal outputs with or without
 compaction. The stacked layer weights are split per layer once per call (`unstack_layers`, one extra copy of
 the weights while sampling; off a mesh with each layer's q, k, v joined into one matmul), so a decode step
-reads each layer's weights and cache where they are and updates the cache in place; the decode state is donated from chunk to chunk. On a mesh that copy is
-tensor-parallel whatever the training layout (`sharding.decode_layout`), so decoding never all-gathers
-weights, and the prompts go through in passes of `prompts_per_pass` to bound the caches.
+reads each layer's weights and cache where they are and updates the cache in place; the decode state is
+donated from chunk to chunk. On a mesh that copy is tensor-parallel whatever the training layout
+(`sharding.decode_layout`), so decoding never all-gathers weights, and the prompts go through in passes of
+`prompts_per_pass` to bound the caches.
 """
 
 from __future__ import annotations
