@@ -40,7 +40,7 @@ def test_cached_decode_equals_full_forward(tiny_model_cfg, variant, sampler_form
     for t in range(10):  # one token at a time through the cache
         mask = jnp.broadcast_to((slots <= t)[None, None, :], (3, 1, 10))
         logits, cache = step(layers, tokens[:, t:t + 1], jnp.full((3, 1), t), mask, cache, jnp.int32(t),
-                             rope_at=table)
+                             angle_table=table)
         outs.append(logits[:, 0])
     tol = 1e-4 if cfg.dtype == "float32" else 5e-2
     np.testing.assert_allclose(np.asarray(jnp.stack(outs, 1)), np.asarray(full), atol=tol, rtol=tol)

@@ -538,21 +538,21 @@ def full_pass(cfg: ModelConfig, params: Params, tokens, positions, mask, prompt=
 
 
 def apply_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None,
-                   rope_at=None):
+                   angle_table=None):
     """`hidden_unrolled` followed by `unembed`: (logits [B, T, V] float32, updated cache)."""
-    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt, rope_at)
+    x, cache = hidden_unrolled(cfg, params, tokens, positions, mask, cache, write_index, prompt, angle_table)
     return unembed(cfg, params, x), cache
 
 
 def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, cache, write_index=0, prompt=None,
-                    rope_at=None):
+                    angle_table=None):
     """Cached decoding (the sampler's prefill and decode steps), with layers unrolled in Python over
     `params` from `unstack_layers`.
 
     tokens, positions [B, T]; mask [B, T, S] bool; the tokens are written at slot `write_index` of a cache
     that is a tuple over layers of {'k': [B, K, Dh, S], 'v': [B, K, S, Dh]}. Returns (final-normed hidden
     states [B, T, D], updated cache). prompt: None, or (prompt cache, prompt_rows) for decoding over a
-    shared prompt cache (tuple over layers like `cache`; see `attention_over_prompt`). rope_at: None, or a
+    shared prompt cache (tuple over layers like `cache`; see `attention_over_prompt`). angle_table: None, or a
     `rope_table` covering the positions, to look the rotary angles up in.
     Every layer's cache is its own loop-carried buffer, updated in place, where `nn.scan` would slice
     and re-stack the whole cache on every token.
@@ -560,7 +560,7 @@ def hidden_unrolled(cfg: ModelConfig, params: Params, tokens, positions, mask, c
     x = jnp.take(params["embedding"], tokens, axis=0)
     block = (nn.remat(Block, prevent_cse=False) if cfg.remat else Block)(cfg)
     prompts = [None] * len(cache) if prompt is None else [(pc, prompt[1]) for pc in prompt[0]]
-    angles = rope(cfg, positions, rope_at)
+    angles = rope(cfg, positions, angle_table)
     new_cache = []
     for layer_params, layer_cache, layer_prompt in zip(params["layers"], cache, prompts, strict=True):
         x, layer_cache = block.apply({"params": layer_params}, x, angles, mask, layer_cache, write_index,
