@@ -153,9 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.micro_batches = 0
     c.rl.mini_batches = 1  # optimizer steps per pass over a rollout batch (1 with epochs 1: on-policy)
     c.rl.epochs = 1  # passes over each rollout batch
-    # Update cost that follows response lengths: micro-batches of length-sorted rows run at the smallest of
-    # n padded lengths max_new_tokens / 2^k (k < n) holding them, each shape compiled once (tsched.train.learner).
-    # 1 = every micro-batch at max_new_tokens; pays with micro_batches > 1 and responses well below the budget.
+    # Update cost that follows response lengths: each prompt's responses are packed into shared rows
+    # (tsched.train.learner.pack), the packed rows sorted by fill into micro-batches, and each micro-batch
+    # runs at the cheapest shape holding it, max_new_tokens / 2^j columns and rows / 2^i, i + j < n, each
+    # shape compiled once. 1 = every micro-batch at full size (micro-batches without tokens still skipped);
+    # pays with responses well below the budget.
     c.rl.length_buckets = 1
     # Where the update runs the prompts (tsched.train.learner.micro_stats): once per update for all the
     # rows sampled from them (least compute), or per_row inside each micro-batch (memory bounded by the

@@ -55,6 +55,26 @@ def test_left_padding_does_not_change_logits(tiny_model_cfg, tiny_params):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_packed_segments_equal_separate_passes(tiny_model_cfg, tiny_params):
+    """hidden_states with segments: a left-padded shared prefix (segment 0) and three sequences packed
+    after it, then unused columns, give on every sequence token the states of that sequence alone
+    after the prefix (its own positions, nothing of the other sequences)."""
+    cfg, V = tiny_model_cfg, tiny_model_cfg.vocab_size
+    prefix = jnp.asarray([0, 0, 7, 8, 9])  # two padding slots, 3 tokens
+    seqs = [jax.random.randint(jax.random.key(i), (n,), 4, V) for i, n in enumerate((3, 1, 4))]
+    tokens = jnp.concatenate([prefix, *seqs, jnp.zeros(2, jnp.int32)])[None]
+    segments = jnp.asarray([0] * 5 + [1] * 3 + [2] + [3] * 4 + [0] * 2)[None]
+    valid = jnp.asarray([False] * 2 + [True] * 11 + [False] * 2)[None]
+    packed = model.hidden_states(cfg, tiny_params, tokens, valid, segments=segments)[0]
+    at = 5
+    for s in seqs:
+        alone = model.hidden_states(cfg, tiny_params, jnp.concatenate([prefix[2:], s])[None])[0, 3:]
+        np.testing.assert_allclose(np.asarray(packed[at:at + len(s)]), np.asarray(alone), atol=2e-5, rtol=2e-5)
+        at += len(s)
+    alone = model.hidden_states(cfg, tiny_params, prefix[2:][None])[0]
+    np.testing.assert_allclose(np.asarray(packed[2:5]), np.asarray(alone), atol=2e-5, rtol=2e-5)
+
+
 def test_causality(tiny_model_cfg, tiny_params):
     t1 = jax.random.randint(jax.random.key(4), (1, 8), 0, tiny_model_cfg.vocab_size)
     t2 = t1.at[0, 5:].set((t1[0, 5:] + 1) % tiny_model_cfg.vocab_size)

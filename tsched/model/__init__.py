@@ -76,7 +76,7 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Arra
 
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: jax.Array | None = None,
-                  prompt=None) -> jax.Array:
+                  prompt=None, segments: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] float32 of a full causal pass, before the output projection
     (`token_stats` takes them to log-probs without the whole logits array).
 
@@ -84,12 +84,23 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: ja
     row): the rows continue their prompts, attending over the prompt's valid tokens and then causally
     over their own, at positions that go on from the prompt's (equal, on valid tokens, to one pass over
     the prompt and the row joined, but each prompt's tokens run once for all its rows).
+    segments: None, or [B, T] ints packing several sequences into a row after a shared prefix: tokens of
+    segment 0 are the prefix (a prompt's, seen by every later token), each segment s > 0 attends causally
+    over the prefix (and `prompt`) and itself only, its positions going on from the prefix's as if it
+    were the only continuation. Without it a row is one sequence.
     """
     T = tokens.shape[1]
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & valid[:, None, :]
     positions = positions_from_valid(valid)
+    if segments is not None:
+        mask &= (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        counted = jnp.cumsum(valid.astype(jnp.int32), axis=-1)
+        starts = segments != jnp.pad(segments[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+        before = jax.lax.cummax(jnp.where(starts, counted - valid.astype(jnp.int32), 0), axis=1)  # valid tokens before the segment
+        prefix = jnp.sum(valid & (segments == 0), -1, dtype=jnp.int32)[:, None]
+        positions = jnp.where(segments == 0, positions, prefix + jnp.maximum(counted - before - 1, 0))
     if prompt is not None:
         kv, prompt_valid, rows = prompt
         prompt_valid = prompt_valid[rows]

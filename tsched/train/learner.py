@@ -9,8 +9,9 @@ State (everything a resume needs besides the data iterator): {'params', 'opt_sta
 `state['step'] + 1` (the paper's counter starts at 1), and the trainer derives the same number from
 the state for sampling keys, prompt transforms, logs and checkpoints.
 Layout of a batch: prompts [B, P] left-padded, completions [N, T] right-padded, N = B * G. The update's
-cost follows the real tokens (`policy_gradient`): each prompt runs once for its G rows, and the rows run
-in micro-batches of similar lengths, each at a padded response length (`rl.length_buckets`) that holds them.
+cost follows the real tokens (`policy_gradient`): each prompt runs once for its G rows, its responses are
+packed into shared rows, and the packed rows run in micro-batches of similar fill, each at a bucketed shape
+(`rl.length_buckets`) that holds them.
 """
 
 from __future__ import annotations
@@ -130,16 +131,18 @@ def make_sft_step(model_cfg, tx, mesh=None, micro_batches: int = 1, length_bucke
 
     def sft_step(state, prompts, prompt_lens, targets, target_lens):
         (B, P), T = prompts.shape, targets.shape[1]
-        buckets = bucket_lengths(T, length_buckets)
+        M = slices(micro_batches, B, P + T)
+        shapes = bucket_shapes(B // M, T, length_buckets, row_buckets=False)
         mask = jnp.arange(T)[None, :] < target_lens[:, None]
-        order, bucket = length_groups(mask, slices(micro_batches, B, P + T), buckets)
+        order, bucket = length_groups(jnp.minimum(target_lens, T), M, shapes)
 
-        def nll_sum(L, params, mb):  # summed negative log-likelihood of a micro-batch's targets, run at length L
+        def nll_sum(shape, params, mb):  # summed negative log-likelihood of a micro-batch's targets, at shape[1]
+            L = shape[1]
             tokens, valid, m = join(mb["prompts"], mb["prompt_lens"], mb["targets"][:, :L], mb["target_lens"])
             logp, _ = token_stats(model_cfg, params, tokens, valid, P)
             return -jnp.sum(logp * m)
 
-        run = per_bucket(buckets, lambda L, mb: jax.value_and_grad(functools.partial(nll_sum, L))(state["params"], mb))
+        run = per_bucket(shapes, lambda s, mb: jax.value_and_grad(functools.partial(nll_sum, s))(state["params"], mb))
         rows = {"prompts": prompts, "prompt_lens": prompt_lens, "targets": targets, "target_lens": target_lens}
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
         total, grads = scan_sum(lambda x: run(*x), zeros, (bucket, jax.tree.map(lambda x: grouped(x, order), rows)))
@@ -198,17 +201,35 @@ def bucket_lengths(T: int, n: int) -> tuple[int, ...]:
     return tuple(sorted({-(-T // 2 ** k) for k in range(n)}))
 
 
-def length_groups(mask, M: int, buckets: tuple[int, ...]):
-    """mask [N, T] -> (order [M, N / M] row indices of each micro-batch, bucket [M] index into `buckets`).
+def bucket_shapes(R: int, T: int, n: int, row_buckets: bool = True) -> tuple[tuple[int, int], ...]:
+    """The (rows, length) shapes micro-batches of R rows run at, cheapest first: lengths T / 2^j
+    (`bucket_lengths`) and, with row_buckets, rows R / 2^i for i + j < n (rounded up): a micro-batch
+    with fewer used rows (the packed update's last one) runs fewer. The shapes then cost at least
+    R T / 2^(n-1) tokens, and n (n + 1) / 2 of them compile, against n without row_buckets."""
+    shapes = {(-(-R // 2 ** i), L) for i in range(n if row_buckets else 1) for L in bucket_lengths(T, n - i)}
+    return tuple(sorted(shapes, key=lambda s: (s[0] * s[1], s)))
 
-    The rows sorted by response length (stable: equal lengths keep their row order, so the grouping is a
-    function of the batch alone and a resumed run regroups identically) and cut into M micro-batches of
-    consecutive lengths; each runs at the smallest bucket holding its longest row. Sorting is what makes
+
+def length_groups(lengths, M: int, shapes: tuple[tuple[int, int], ...]):
+    """lengths [N] -> (order [M, N / M] row indices of each micro-batch, shape [M] index into `shapes`).
+
+    The rows sorted by length (stable: equal lengths keep their row order, so the grouping is a function
+    of the batch alone and a resumed run regroups identically) and cut into M micro-batches of
+    consecutive lengths; each runs at the cheapest shape (r, L) holding it: r at least its rows with a
+    token (the last ones of the micro-batch, by the ascending sort), L at least its longest, or, without
+    a token, not at all (index len(shapes), `per_bucket`'s empty branch). Sorting is what makes
     bucketing pay: a micro-batch of short rows would otherwise be held at full length by one long row.
     """
-    lengths = jnp.sum(mask, -1, dtype=jnp.int32)
     order = jnp.argsort(lengths, stable=True).reshape(M, -1)
-    return order, jnp.searchsorted(jnp.asarray(buckets), lengths[order[:, -1]])  # smallest bucket >= longest
+    used, longest = jnp.sum(lengths[order] > 0, -1), lengths[order[:, -1]]
+    rows, cols = (jnp.asarray([s[k] for s in shapes]) for k in (0, 1))
+    fits = (rows[None] >= used[:, None]) & (cols[None] >= longest[:, None])
+    return order, jnp.where(used > 0, jnp.argmax(fits, -1), len(shapes))
+
+
+def last_rows(mb: dict, r: int) -> dict:
+    """The last r rows of a micro-batch's arrays (those of its rows with tokens, `length_groups`)."""
+    return {k: v[v.shape[0] - r:] if jnp.ndim(v) else v for k, v in mb.items()}
 
 
 def grouped(x, order):
@@ -216,11 +237,13 @@ def grouped(x, order):
     return micro_split(x[order.T.reshape(-1)], order.shape[0])
 
 
-def per_bucket(buckets: tuple[int, ...], f):
-    """f(L, *args) for the bucket lengths L as one function of (bucket index, *args): `lax.switch` over one
-    branch per bucket, each shape traced and compiled once into the calling step."""
-    branches = [functools.partial(f, L) for L in buckets]
-    return lambda i, *args: jax.lax.switch(i, branches, *args)
+def per_bucket(shapes: tuple, f):
+    """f(shape, *args) for the bucket shapes as one function of (bucket index, *args): `lax.switch` over one
+    branch per shape, each traced and compiled once into the calling step, and for index len(shapes) (a
+    micro-batch without tokens) zeros of f's output."""
+    branches = [functools.partial(f, shape) for shape in shapes]
+    empty = lambda *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branches[0], *args))
+    return lambda i, *args: jax.lax.switch(i, branches + [empty], *args)
 
 
 def split_batch(prompts, prompt_lens, completions, lengths) -> tuple[dict, dict]:
@@ -239,78 +262,125 @@ def split_batch(prompts, prompt_lens, completions, lengths) -> tuple[dict, dict]
     return prompt, rows
 
 
+def pack(mask, group) -> dict:
+    """Where each response runs in the update: packed, first-fit decreasing, into rows of width T that
+    hold responses to one prompt only (they then share its keys and values, `micro_stats`).
+
+    mask [N, T] the response tokens, group [N] each row's prompt (rows in any order: a mini-batch is a
+    random subset) -> {'slot' [N] the packed row of each response, 'start' [N] its first column,
+    'fill' [N] tokens per packed row (0 for the unused ones), 'group' [N] the prompt of each packed
+    row}. Responses at the full length T stay one per row; a long-tailed batch packs into about
+    sum(lengths) / T rows. One `lax.scan` over the N responses, each step O(N): a few ms at N = 512.
+    """
+    N, T = mask.shape
+    lengths = jnp.sum(mask, -1, dtype=jnp.int32)
+    order = jnp.lexsort((-lengths, group))  # by prompt, longest first
+
+    def place(carry, n):
+        fill, owner, opened = carry
+        fits = (owner == group[n]) & (fill + lengths[n] <= T)
+        slot = jnp.where(jnp.any(fits), jnp.argmax(fits), opened)
+        start = fill[slot]
+        carry = (fill.at[slot].add(lengths[n]), owner.at[slot].set(group[n]), opened + (slot == opened))
+        return carry, (slot, start)
+
+    init = (jnp.zeros(N, jnp.int32), jnp.full(N, -1, jnp.int32), jnp.int32(0))
+    (fill, owner, _), (slot, start) = jax.lax.scan(place, init, order)
+    back = lambda x: jnp.zeros(N, jnp.int32).at[order].set(x)  # sorted order -> row order
+    return {"slot": back(slot), "start": back(start), "fill": fill, "group": jnp.maximum(owner, 0)}
+
+
+def packed_inputs(prompt: dict, rows: dict, layout: dict) -> dict:
+    """The packed rows' model inputs [N, T] (`pack`): 'tokens' (each response's last prompt token, then
+    its tokens but the last), 'targets' (its tokens, the ones the inputs predict), 'segment' (the
+    response's row + 1 on its columns, 0 on unused ones)."""
+    completions, mask = rows["completions"], rows["mask"]
+    N, T = mask.shape
+    inputs = jnp.concatenate([prompt["tokens"][rows["group"], -1:], completions[:, :-1]], axis=1)
+    cols = jnp.where(mask, layout["start"][:, None] + jnp.arange(T), T)  # past the response: dropped
+    place = lambda x: jnp.zeros((N, T), x.dtype).at[layout["slot"][:, None], cols].set(x, mode="drop")
+    return {"tokens": place(inputs), "targets": place(completions),
+            "segment": place(jnp.broadcast_to(jnp.arange(1, N + 1, dtype=jnp.int32)[:, None], (N, T)))}
+
+
+def unpack(stats, layout: dict, idx, mask):
+    """Per-token results of packed rows back to their responses: stats, tuple of [R, L] arrays for the
+    packed rows idx [R] -> ([N, T] arrays, zero outside the responses packed there; mask [N, T] of their
+    tokens). The loss then sees the arrays of the padded computation."""
+    R, L = stats[0].shape
+    N, T = mask.shape
+    local = jnp.full(N, R, jnp.int32).at[idx].set(jnp.arange(R, dtype=jnp.int32))[layout["slot"]]
+    mask = mask & (local < R)[:, None]
+    cols = jnp.minimum(layout["start"][:, None] + jnp.arange(T), L)
+    at = lambda x: jnp.where(mask, jnp.pad(x, ((0, 1), (0, 1)))[local[:, None], cols], 0)
+    return tuple(map(at, stats)), mask
+
+
 PROMPT_PASSES = ("once", "per_row")  # `rl.prompt_pass`, see `micro_stats`
 
 
 def prefix_kv(model_cfg, params, prompt: dict) -> dict:
     """Keys and values of every prompt's first P - 1 tokens (`tsched.model.prompt_kv`), computed once per
-    prompt for all its rows; the last prompt token runs with each row (`response_stats`), because its
-    hidden state predicts the row's first token. None for one-token prompts (nothing precedes that token)."""
+    prompt for all its rows; the last prompt token runs with each response (`packed_inputs`), because its
+    hidden state predicts the response's first token. None for one-token prompts (nothing precedes it)."""
     if prompt["tokens"].shape[1] == 1:
         return None
     return model_lib.prompt_kv(model_cfg, params, prompt["tokens"][:, :-1], prompt["valid"][:, :-1])
 
 
-def response_stats(model_cfg, params, kv, prompt: dict, rows: dict, L: int, temperature: float):
-    """Log-probs and entropies [R, T] of rows' completion tokens under `params`, run at response length L.
-
-    kv: `prefix_kv(params)`; rows: {'completions', 'mask' [R, T], 'group' [R]} (see `split_batch`). The
-    model runs over each row's last prompt token and its first L - 1 completion tokens, after its prompt's
-    keys and values: on the valid tokens this is the pass over the prompt and the row joined. Past L the
-    results are zero: causal attention makes positions < L independent of the columns cut off, so the loss
-    sees [R, T] arrays exactly as in the padded computation (normalisers, token orders, random draws
-    over T unchanged).
-    """
-    group, completions, mask = rows["group"], rows["completions"], rows["mask"]
-    R, T = completions.shape
-    tokens = jnp.concatenate([prompt["tokens"][group, -1:], completions[:, :L - 1]], axis=1)  # [R, L]
-    valid = jnp.concatenate([jnp.ones((R, 1), bool), mask[:, :L - 1]], axis=1)
-    h = model_lib.hidden_states(model_cfg, params, tokens, valid,
-                                None if kv is None else (kv, prompt["valid"][:, :-1], group))
-    logp, entropy = model_lib.token_stats(model_cfg, params, h, completions[:, :L], temperature, model_cfg.logits_chunk)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, T - L)))
-    return pad(logp), pad(entropy)
-
-
 def micro_stats(rl, model_cfg, params, kv, prompt: dict, mb: dict, L: int):
-    """`response_stats` of micro-batch `mb` at length bucket L, by `rl.prompt_pass`:
+    """Log-probs and entropies [R, L] under `params` of the targets of packed rows mb ({'tokens',
+    'targets', 'segment' [R, T], 'group' [R]}, `packed_inputs` and `pack`), run at length bucket L. Each
+    response attends over its prompt's first P - 1 tokens and causally over itself (`hidden_states`'
+    segments): on its tokens this is one pass over the prompt and the response joined. The prompt part,
+    by `rl.prompt_pass`:
 
-        once     over the prompts' keys and values kv, computed once per update for all B prompts
+        once     kv, the prompts' keys and values computed once per update for all B prompts
                  (`prefix_kv`): the least compute, but they and their cotangents, [L, B, K, Dh, P - 1]
                  each, are live through the whole micro-batch loop.
-        per_row  kv None: one pass over each row joined to its prompt (G times the prompt compute), so
-                 the memory is bounded by the micro-batch (a 4B model with 512-token prompts and one
-                 sequence per micro-batch does not fit a v5e chip otherwise; see tsched.plan).
+        per_row  kv None: the prompt's tokens run at the front of each packed row (G times the prompt
+                 compute for unpacked rows), so the memory is bounded by the micro-batch (a 4B model with
+                 512-token prompts and one sequence per micro-batch does not fit a v5e chip otherwise;
+                 see tsched.plan).
     """
-    if rl.prompt_pass == "once":
-        return response_stats(model_cfg, params, kv, prompt, mb, L, rl.temperature)
-    group, completions, mask = mb["group"], mb["completions"], mb["mask"]
-    P, T = prompt["tokens"].shape[1], completions.shape[1]
-    tokens = jnp.concatenate([prompt["tokens"][group], completions[:, :L]], axis=1)
-    valid = jnp.concatenate([prompt["valid"][group], mask[:, :L]], axis=1)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, T - L)))
-    return tuple(map(pad, token_stats(model_cfg, params, tokens, valid, P, rl.temperature)))
+    tokens, segment, group = mb["tokens"][:, :L], mb["segment"][:, :L], mb["group"]
+    prefix = prompt["tokens"].shape[1] - 1 if rl.prompt_pass == "per_row" else 0
+    tokens = jnp.concatenate([prompt["tokens"][group, :prefix], tokens], axis=1)
+    valid = jnp.concatenate([prompt["valid"][group, :prefix], segment > 0], axis=1)
+    segment = jnp.pad(segment, ((0, 0), (prefix, 0)))
+    shared = None if kv is None else (kv, prompt["valid"][:, :-1], group)
+    h = model_lib.hidden_states(model_cfg, params, tokens, valid, shared, segment)[:, prefix:]
+    return model_lib.token_stats(model_cfg, params, h, mb["targets"][:, :L], rl.temperature, model_cfg.logits_chunk)
 
 
-def row_tokens(rl, prompt: dict, T: int) -> int:
-    """Positions the model runs per row at full length (`micro_stats`): the response's T (its last prompt
-    token and T - 1 completion tokens), or with `per_row` the prompt's P as well."""
-    return T if rl.prompt_pass == "once" else prompt["tokens"].shape[1] + T
+def micro_batches(rl, prompt: dict, rows: dict):
+    """The update's micro-batches (`rl_slices` of them) of packed rows: (layout, the scan's inputs {packed
+    inputs [M, N / M, T] and 'group', 'idx' [M, N / M] their packed rows, 'bucket' [M], 'index' [M]},
+    bucket shapes)."""
+    N, T = rows["mask"].shape
+    M = rl_slices(rl, N, T + (prompt["tokens"].shape[1] - 1 if rl.prompt_pass == "per_row" else 0))
+    shapes = bucket_shapes(N // M, T, rl.length_buckets)
+    layout = pack(rows["mask"], rows["group"])
+    order, bucket = length_groups(layout["fill"], M, shapes)
+    inputs = {**packed_inputs(prompt, rows, layout), "group": layout["group"]}
+    mbs = {**jax.tree.map(lambda x: grouped(x, order), inputs), "idx": order, "bucket": bucket, "index": jnp.arange(M)}
+    return layout, mbs, shapes
 
 
 def score(rl, model_cfg, params, rows: dict, prompt: dict):
     """Log-probs and entropies [N, T] of the completion tokens under `params` (the policy that sampled
-    them), in `rl_slices` slices grouped and bucketed by length as the update runs them (zero past
-    each row's bucket): the old policy of several updates per rollout."""
-    N, T = rows["mask"].shape
-    buckets = bucket_lengths(T, rl.length_buckets)
-    order, bucket = length_groups(rows["mask"], rl_slices(rl, N, row_tokens(rl, prompt, T)), buckets)
+    them), packed and in micro-batches as the update runs them (zero past each response): the old policy
+    of several updates per rollout."""
+    layout, mbs, shapes = micro_batches(rl, prompt, rows)
     kv = prefix_kv(model_cfg, params, prompt) if rl.prompt_pass == "once" else None
-    stats = per_bucket(buckets, lambda L, mb: micro_stats(rl, model_cfg, params, kv, prompt, mb, L))
-    mbs = jax.tree.map(lambda x: grouped(x, order), {k: rows[k] for k in ("completions", "mask", "group")})
-    logp, entropy = jax.lax.map(lambda x: stats(*x), (bucket, mbs))
-    back = lambda x: jnp.zeros((N, T), x.dtype).at[order.reshape(-1)].set(x.reshape(N, T))  # to row order
-    return back(logp), back(entropy)
+
+    def stats(shape, mb):
+        mb = last_rows(mb, shape[0])
+        return unpack(micro_stats(rl, model_cfg, params, kv, prompt, mb, shape[1]), layout, mb["idx"], rows["mask"])[0]
+
+    stats = per_bucket(shapes, stats)
+    zeros = jnp.zeros(rows["mask"].shape, jnp.float32)
+    return scan_sum(lambda mb: stats(mb["bucket"], mb), (zeros, zeros), mbs)
 
 
 def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: dict, key=None):
@@ -326,34 +396,35 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     Cost follows the real tokens. Each prompt runs once (`prefix_kv`; `rl.prompt_pass=once`), not once per
     sampled row: the micro-batches take gradients with respect to the parameters and the prompts' keys
     and values, and the summed key/value cotangents go back through the one prompt pass at the end (its
-    `jax.vjp`); `per_row` trades that for memory (`micro_stats`). The rows
-    are grouped by length into micro-batches (`length_groups`), each run at its length bucket
-    (`rl.length_buckets`) under `lax.switch`, one branch per bucket, so every bucket shape is compiled once
-    into the one step. Only the model runs shorter: the loss sees the [R, T] arrays of the padded
-    computation (`response_stats`), so its value and gradient equal one pass over the joined rows at full
-    length (tested). Criteria with micro-batch statistics (forking_batch, empg, d3s batch scope,
-    clip_cov, kl_cov) take them over these length-sorted micro-batches (auto keeps them in one).
+    `jax.vjp`); `per_row` trades that for memory (`micro_stats`). Each prompt's responses are packed
+    into shared rows (`pack`), the packed rows sorted by fill into micro-batches, each run at its length
+    bucket (`rl.length_buckets`) under `lax.switch`, one branch per bucket, so every bucket shape is
+    compiled once into the one step (micro-batches of unused rows do not run). Only the model runs
+    packed: the loss sees each micro-batch's responses as [N, T] arrays of the padded computation
+    (`unpack`, zero outside the micro-batch), so its value and gradient equal one pass over the joined
+    rows at full length (tested). Criteria with micro-batch statistics (forking_batch, empg, d3s batch
+    scope, clip_cov, kl_cov) take them over these micro-batches (auto keeps them in one).
     """
-    N, T = rows["mask"].shape
-    M = rl_slices(rl, N, row_tokens(rl, prompt, T))
-    buckets = bucket_lengths(T, rl.length_buckets)
-    order, bucket = length_groups(rows["mask"], M, buckets)
     once = rl.prompt_pass == "once"
+    layout, mbs, shapes = micro_batches(rl, prompt, rows)
     kv, kv_vjp = jax.vjp(lambda p: prefix_kv(model_cfg, p, prompt), params) if once else (None, None)
     ref_kv = prefix_kv(model_cfg, ref_params, prompt) if once and ref_params is not None else None
 
-    def micro(L, params, kv, mb):
-        logp, entropy = micro_stats(rl, model_cfg, params, kv, prompt, mb, L)
-        ref_logp = None if ref_params is None else micro_stats(rl, model_cfg, ref_params, ref_kv, prompt, mb, L)[0]
+    def micro(shape, params, kv, mb):
+        mb = last_rows(mb, shape[0])
+        stats = micro_stats(rl, model_cfg, params, kv, prompt, mb, shape[1])
+        if ref_params is not None:
+            stats = (*stats, micro_stats(rl, model_cfg, ref_params, ref_kv, prompt, mb, shape[1])[0])
+        stats, mask = unpack(stats, layout, mb["idx"], rows["mask"])
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
-        num, den, sums = objective.policy_loss(rl, r, logp, entropy, mb["adv"], mb["mask"], ref_logp,
-                                               old_logp=mb.get("old_logp"), key=mb_key,
-                                               sample_logp=mb.get("sample_logp"), old_entropy=mb.get("old_entropy"))
+        num, den, sums = objective.policy_loss(rl, r, stats[0], stats[1], rows["adv"], mask,
+                                               stats[2] if ref_params is not None else None,
+                                               old_logp=rows.get("old_logp"), key=mb_key,
+                                               sample_logp=rows.get("sample_logp"), old_entropy=rows.get("old_entropy"))
         return num, (den, sums)
 
-    mbs = {**jax.tree.map(lambda x: grouped(x, order), rows), "index": jnp.arange(M), "bucket": bucket}
     grad = lambda L, mb: jax.value_and_grad(functools.partial(micro, L), (0, 1), has_aux=True)(params, kv, mb)
-    run = per_bucket(buckets, grad)
+    run = per_bucket(shapes, grad)
 
     def step(mb):
         (n, (d, s)), g = run(mb["bucket"], mb)
@@ -361,7 +432,7 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
 
     zeros = jax.tree.map(jnp.zeros_like, (params, kv))
     first = jax.tree.map(lambda x: x[0], mbs)
-    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(T, params, kv, first)[1][1]))
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(shapes[-1], params, kv, first)[1][1]))
     (g_params, g_kv), num, den, sums = scan_sum(step, (zeros, 0.0, 0.0, sums0), mbs)
     grads = jax.tree.map(jnp.add, g_params, kv_vjp(g_kv)[0]) if once else g_params
     den = jnp.maximum(den, 1e-8)
