@@ -23,7 +23,8 @@ are: L = clip(ceil(X), 1, T), X lognormal with sigma 1 and mu = ln(T / 4) - 1/2 
 clipped, the mean is 0.237 T, the median 0.16 T, and 3% of rows reach the budget), one draw of N lengths
 from numpy's default_rng(`--seed`), the same for every step. Its tokens and FLOP columns count useful
 (non-padding) work only, and the RL step's varied / forced time ratio is printed. The update runs in
-`--length-buckets` buckets (rl.length_buckets; default 3: T / 4, T / 2, T) in both runs. How the lengths
+`--length-buckets` buckets (rl.length_buckets; default 3: packed micro-batches at T / 4, T / 2 or T
+columns and R / 4, R / 2 or R rows, `tsched.train.learner.bucket_shapes`) in both runs. How the lengths
 arise: the sampler's per-row budget (`max_new_per_row`) ends each row at its drawn length (EOS stays
 disabled), and finished rows leave the decode batch between chunks as they do in training.
 
@@ -195,7 +196,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     external_lib.shape_args(ap)
     ap.add_argument("--length-buckets", type=int, default=3,
-                    help="rl.length_buckets: the update's padded response lengths T, T/2, ..., T/2^(n-1)")
+                    help="rl.length_buckets: the update's micro-batch shapes, T / 2^j columns and R / 2^i rows, i + j < n")
     ap.add_argument("--lengths", choices=("forced", "varied"), default="forced",
                     help="varied: also a run with long-tailed response lengths (see the docstring)")
     ap.add_argument("--seed", type=int, default=0, help="of the varied response lengths")
