@@ -96,9 +96,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, valid: ja
     positions = positions_from_valid(valid)
     if segments is not None:
         mask &= (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
-        counted = jnp.cumsum(valid.astype(jnp.int32), axis=-1)
+        ones = valid.astype(jnp.int32)
+        counted = jnp.cumsum(ones, axis=-1)
         starts = segments != jnp.pad(segments[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-        before = jax.lax.cummax(jnp.where(starts, counted - valid.astype(jnp.int32), 0), axis=1)  # valid tokens before the segment
+        before = jax.lax.cummax(jnp.where(starts, counted - ones, 0), axis=1)  # valid tokens before the segment
         prefix = jnp.sum(valid & (segments == 0), -1, dtype=jnp.int32)[:, None]
         positions = jnp.where(segments == 0, positions, prefix + jnp.maximum(counted - before - 1, 0))
     if prompt is not None:

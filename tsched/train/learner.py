@@ -319,6 +319,12 @@ def unpack(stats, layout: dict, idx, mask):
 PROMPT_PASSES = ("once", "per_row")  # `rl.prompt_pass`, see `micro_stats`
 
 
+def row_prefix(rl, prompt: dict) -> int:
+    """Prompt tokens at the front of each packed row (`micro_stats`): with `per_row` the prompt's first
+    P - 1 (its last runs with each response), with `once` none (they come from `prefix_kv`)."""
+    return prompt["tokens"].shape[1] - 1 if rl.prompt_pass == "per_row" else 0
+
+
 def prefix_kv(model_cfg, params, prompt: dict) -> dict:
     """Keys and values of every prompt's first P - 1 tokens (`tsched.model.prompt_kv`), computed once per
     prompt for all its rows; the last prompt token runs with each response (`packed_inputs`), because its
@@ -344,7 +350,7 @@ def micro_stats(rl, model_cfg, params, kv, prompt: dict, mb: dict, L: int):
                  see tsched.plan).
     """
     tokens, segment, group = mb["tokens"][:, :L], mb["segment"][:, :L], mb["group"]
-    prefix = prompt["tokens"].shape[1] - 1 if rl.prompt_pass == "per_row" else 0
+    prefix = row_prefix(rl, prompt)
     tokens = jnp.concatenate([prompt["tokens"][group, :prefix], tokens], axis=1)
     valid = jnp.concatenate([prompt["valid"][group, :prefix], segment > 0], axis=1)
     segment = jnp.pad(segment, ((0, 0), (prefix, 0)))
@@ -358,7 +364,7 @@ def micro_batches(rl, prompt: dict, rows: dict):
     inputs [M, N / M, T] and 'group', 'idx' [M, N / M] their packed rows, 'bucket' [M], 'index' [M]},
     bucket shapes)."""
     N, T = rows["mask"].shape
-    M = rl_slices(rl, N, T + (prompt["tokens"].shape[1] - 1 if rl.prompt_pass == "per_row" else 0))
+    M = rl_slices(rl, N, row_prefix(rl, prompt) + T)
     shapes = bucket_shapes(N // M, T, rl.length_buckets)
     layout = pack(rows["mask"], rows["group"])
     order, bucket = length_groups(layout["fill"], M, shapes)
@@ -374,13 +380,13 @@ def score(rl, model_cfg, params, rows: dict, prompt: dict):
     layout, mbs, shapes = micro_batches(rl, prompt, rows)
     kv = prefix_kv(model_cfg, params, prompt) if rl.prompt_pass == "once" else None
 
-    def stats(shape, mb):
+    def micro(shape, mb):
         mb = last_rows(mb, shape[0])
         return unpack(micro_stats(rl, model_cfg, params, kv, prompt, mb, shape[1]), layout, mb["idx"], rows["mask"])[0]
 
-    stats = per_bucket(shapes, stats)
+    run = per_bucket(shapes, micro)
     zeros = jnp.zeros(rows["mask"].shape, jnp.float32)
-    return scan_sum(lambda mb: stats(mb["bucket"], mb), (zeros, zeros), mbs)
+    return scan_sum(lambda mb: run(mb["bucket"], mb), (zeros, zeros), mbs)
 
 
 def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: dict, key=None):
@@ -397,9 +403,9 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
     sampled row: the micro-batches take gradients with respect to the parameters and the prompts' keys
     and values, and the summed key/value cotangents go back through the one prompt pass at the end (its
     `jax.vjp`); `per_row` trades that for memory (`micro_stats`). Each prompt's responses are packed
-    into shared rows (`pack`), the packed rows sorted by fill into micro-batches, each run at its length
-    bucket (`rl.length_buckets`) under `lax.switch`, one branch per bucket, so every bucket shape is
-    compiled once into the one step (micro-batches of unused rows do not run). Only the model runs
+    into shared rows (`pack`), the packed rows sorted by fill into micro-batches, each run at its bucket
+    shape (`bucket_shapes`, `rl.length_buckets`) under `lax.switch`, one branch per shape, so every shape
+    is compiled once into the one step (micro-batches of unused rows do not run). Only the model runs
     packed: the loss sees each micro-batch's responses as [N, T] arrays of the padded computation
     (`unpack`, zero outside the micro-batch), so its value and gradient equal one pass over the joined
     rows at full length (tested). Criteria with micro-batch statistics (forking_batch, empg, d3s batch
@@ -415,10 +421,9 @@ def policy_gradient(rl, model_cfg, params, ref_params, r, rows: dict, prompt: di
         stats = micro_stats(rl, model_cfg, params, kv, prompt, mb, shape[1])
         if ref_params is not None:
             stats = (*stats, micro_stats(rl, model_cfg, ref_params, ref_kv, prompt, mb, shape[1])[0])
-        stats, mask = unpack(stats, layout, mb["idx"], rows["mask"])
+        (logp, entropy, *ref_logp), mask = unpack(stats, layout, mb["idx"], rows["mask"])
         mb_key = None if key is None else jax.random.fold_in(key, mb["index"])
-        num, den, sums = objective.policy_loss(rl, r, stats[0], stats[1], rows["adv"], mask,
-                                               stats[2] if ref_params is not None else None,
+        num, den, sums = objective.policy_loss(rl, r, logp, entropy, rows["adv"], mask, *ref_logp,
                                                old_logp=rows.get("old_logp"), key=mb_key,
                                                sample_logp=rows.get("sample_logp"), old_entropy=rows.get("old_entropy"))
         return num, (den, sums)
