@@ -72,6 +72,9 @@ def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
     forced, varied = data["results"]
     assert (forced["lengths"], varied["lengths"]) == ("forced", "varied")
     assert varied["mean_length"] == pytest.approx(lens.mean()) and lens.max() < T
+    # the decode step's cost per batch size: at the smoke shape only the full batch (fewer rows than MIN_BUCKET)
+    assert forced["decode_step_s"] is None and list(varied["decode_step_s"]) == [str(B * G)]
+    assert f"decode step by batch rows: {B * G} rows" in out
     fwd = B * sum(forward_flops(c + 1) for c in range(P)) + sum(forward_flops(P + t + 1) for L in lens for t in range(L))
     phases = varied["phases"]
     for name, flops in {"sample": fwd, "score": fwd, "loss": 3 * fwd, "rl_step": 4 * fwd}.items():
@@ -82,3 +85,29 @@ def test_rl_bench_varied_lengths_counts_useful_work(tmp_path):
     ratio = varied["rl_step_s"] / forced["rl_step_s"]
     assert varied["rl_step_vs_forced"] == pytest.approx(ratio)
     assert f"float32: varied / forced time: rl_step {ratio:.2f}" in out
+
+
+def test_decode_step_cost_recovers_the_cost_per_step_of_each_batch():
+    """decode_step_cost inverts whole-call times into per-step costs: fed the times of a simulated sampler
+    (the prefill, then chunks of DECODE_CHUNK steps, after each chunk the running rows compacted to the
+    next power of two >= MIN_BUCKET, a step at n rows costing fixed + per_row * n), it returns those costs."""
+    from tsched.bench.__main__ import decode_step_cost
+    from tsched.sampling.sampler import DECODE_CHUNK, MIN_BUCKET
+
+    N, T, prefill, fixed, per_row = 64, 128, 0.03, 2e-3, 1e-4
+
+    def simulated(caps):  # seconds of one sampler call
+        caps, n, total = np.asarray(caps), N, prefill
+        for i in range(T):
+            if not (caps > i).any():
+                break
+            total += fixed + per_row * n  # step i decodes the batch's n rows
+            running = int((caps > i + 1).sum())
+            if (i + 1) % DECODE_CHUNK == 0 and running:  # the host's check between chunks
+                n = min(n, max(MIN_BUCKET, 1 << (running - 1).bit_length()))
+        return total
+
+    cost = decode_step_cost(simulated, N, T)
+    assert sorted(cost) == [8, 16, 32, 64]
+    for n, c in cost.items():
+        assert c == pytest.approx(fixed + per_row * n, rel=1e-9), n

@@ -26,7 +26,11 @@ from numpy's default_rng(`--seed`), the same for every step. Its tokens and FLOP
 `--length-buckets` buckets (rl.length_buckets; default 3: packed micro-batches at T / 4, T / 2 or T
 columns and R / 4, R / 2 or R rows, `tsched.train.learner.bucket_shapes`) in both runs. How the lengths
 arise: the sampler's per-row budget (`max_new_per_row`) ends each row at its drawn length (EOS stays
-disabled), and finished rows leave the decode batch between chunks as they do in training.
+disabled), and finished rows leave the decode batch between chunks as they do in training. The varied run
+also prints what one decode step costs at each batch size the sampler compacts to (N rows, N / 2, ...,
+down to its smallest bucket; `decode_step_cost`, from whole sampler calls with per-row caps) and a
+straight-line fit, fixed cost + cost per row: the fixed part is what the few longest rows pay on every
+step of the tail.
 
 Phases, each the median over `--steps` steady-state steps after one warm-up:
     sample     the jitted sampler (prefill + while_loop decode)
@@ -60,6 +64,7 @@ from tsched import rollout
 from tsched.bench import external as external_lib
 from tsched.config import base_config
 from tsched.model import ModelConfig
+from tsched.sampling import sampler
 from tsched.sampling.sampler import SamplingConfig, sample
 from tsched.train import learner
 from tsched.verify.pool import VerifierPool
@@ -106,6 +111,26 @@ def median_time(fn, steps: int) -> float:
     return float(np.median(times))
 
 
+def decode_step_cost(timed, N: int, T: int) -> dict[int, float]:
+    """Seconds per decode step at each batch the sampler compacts to (N rows, then N/2, N/4, ... down to
+    MIN_BUCKET), from whole sampler calls timed by `timed(caps)` (seconds of one call with per-row caps
+    [N]): all rows capped at 1 token (the prefill and one step of N rows), all at T (T steps of N rows),
+    and n evenly spaced rows at T with the rest at 1 (one chunk of DECODE_CHUNK steps at N rows, then n
+    rows to the end). Each step cost averages the growing attention windows and includes the host's
+    checks between chunks."""
+    ones = np.ones(N, np.int32)
+    t_one = timed(ones)
+    cost = {N: (timed(np.full(N, T, np.int32)) - t_one) / (T - 1)}
+    first = min(sampler.DECODE_CHUNK, T)
+    n = 1 << ((N - 1).bit_length() - 1)  # the largest power of two below N
+    while T > first and n >= sampler.MIN_BUCKET:
+        caps = ones.copy()
+        caps[np.arange(n) * (N // n)] = T
+        cost[n] = (timed(caps) - t_one - (first - 1) * cost[N]) / (T - first)
+        n //= 2
+    return cost
+
+
 def matmul_peak(dtype, n: int = 2048, steps: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
@@ -137,6 +162,10 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
 
     out = jax.block_until_ready(do_sample())
     t_sample = median_time(do_sample, args.steps)
+    # varied: what a decode step costs at each batch size the sampler compacts to (the tail's cost)
+    timed = lambda caps: median_time(lambda: sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(0),
+                                                    max_new_per_row=jnp.asarray(caps)), args.steps)
+    decode = decode_step_cost(timed, N, T) if lengths == "varied" else None
     completions = jnp.where(jnp.arange(T)[None] < row_lens[:, None], out["tokens"], 0)
     rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
     prompt, rows = learner.split_batch(prompts, prompt_lens, completions, jnp.asarray(row_lens))
@@ -189,7 +218,7 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
         k: {"median_s": t, "gflop": f / 1e9, "gflops": f / t / 1e9 if f else 0.0,
             "pct_peak": 100 * f / t / 1e9 / peak if f else 0.0, "tokens_per_s": n / t if n else 0.0}
         for k, (t, f, n) in phases.items()},
-        "sample_tokens_per_s": n_resp / t_sample, "rl_step_s": t_step}
+        "sample_tokens_per_s": n_resp / t_sample, "rl_step_s": t_step, "decode_step_s": decode}
 
 
 def main(argv=None):
@@ -231,6 +260,14 @@ def main(argv=None):
         for k, p in r["phases"].items():
             print(f"{r['dtype']:<9} {k:<10} {p['median_s']:>9.3f} {p['gflop']:>7.1f} {p['gflops']:>8.1f} "
                   f"{p['pct_peak']:>6.1f}% {p['tokens_per_s']:>9.0f}")
+    for r in results:
+        if r["decode_step_s"]:
+            rows, cost = zip(*r["decode_step_s"].items())
+            line = ", ".join(f"{n} rows {1e3 * c:.2f} ms" for n, c in zip(rows, cost))
+            if len(rows) > 1:
+                per_row, fixed = np.polyfit(rows, cost, 1)
+                line += f" (fit: {1e3 * fixed:.2f} ms + {1e3 * per_row:.3f} ms per row)"
+            print(f"{r['dtype']}: decode step by batch rows: {line}")
     pairs = zip(results[::2], results[1::2]) if len(runs) == 2 else ()  # (forced, varied) with --lengths=varied
     for forced, varied in pairs:
         varied["rl_step_vs_forced"] = varied["rl_step_s"] / forced["rl_step_s"]
