@@ -48,6 +48,7 @@ tsched's float32 sampler and RL step beside them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -64,8 +65,7 @@ from tsched import rollout
 from tsched.bench import external as external_lib
 from tsched.config import base_config
 from tsched.model import ModelConfig
-from tsched.sampling import sampler
-from tsched.sampling.sampler import SamplingConfig, sample
+from tsched.sampling.sampler import DECODE_CHUNK, MIN_BUCKET, SamplingConfig, sample
 from tsched.train import learner
 from tsched.verify.pool import VerifierPool
 
@@ -121,9 +121,9 @@ def decode_step_cost(timed, N: int, T: int) -> dict[int, float]:
     ones = np.ones(N, np.int32)
     t_one = timed(ones)
     cost = {N: (timed(np.full(N, T, np.int32)) - t_one) / (T - 1)}
-    first = min(sampler.DECODE_CHUNK, T)
+    first = min(DECODE_CHUNK, T)
     n = 1 << ((N - 1).bit_length() - 1)  # the largest power of two below N
-    while T > first and n >= sampler.MIN_BUCKET:
+    while T > first and n >= MIN_BUCKET:
         caps = ones.copy()
         caps[np.arange(n) * (N // n)] = T
         cost[n] = (timed(caps) - t_one - (first - 1) * cost[N]) / (T - first)
@@ -155,17 +155,18 @@ def run(dtype: str, args, peak: float, lengths: str = "forced") -> dict:
     cap = {"max_new_per_row": jnp.asarray(row_lens)} if lengths == "varied" else {}
 
     key = [0]
+    sample_prompts = functools.partial(sample, mcfg, scfg, params, prompts, prompt_lens)
 
     def do_sample():
         key[0] += 1
-        return sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(key[0]), **cap)
+        return sample_prompts(jax.random.key(key[0]), **cap)
 
     out = jax.block_until_ready(do_sample())
     t_sample = median_time(do_sample, args.steps)
-    # varied: what a decode step costs at each batch size the sampler compacts to (the tail's cost)
-    timed = lambda caps: median_time(lambda: sample(mcfg, scfg, params, prompts, prompt_lens, jax.random.key(0),
-                                                    max_new_per_row=jnp.asarray(caps)), args.steps)
-    decode = decode_step_cost(timed, N, T) if lengths == "varied" else None
+    decode = None
+    if lengths == "varied":  # what a decode step costs at each batch size the sampler compacts to (the tail's)
+        decode = decode_step_cost(lambda caps: median_time(
+            lambda: sample_prompts(jax.random.key(0), max_new_per_row=jnp.asarray(caps)), args.steps), N, T)
     completions = jnp.where(jnp.arange(T)[None] < row_lens[:, None], out["tokens"], 0)
     rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
     prompt, rows = learner.split_batch(prompts, prompt_lens, completions, jnp.asarray(row_lens))
@@ -260,7 +261,6 @@ def main(argv=None):
         for k, p in r["phases"].items():
             print(f"{r['dtype']:<9} {k:<10} {p['median_s']:>9.3f} {p['gflop']:>7.1f} {p['gflops']:>8.1f} "
                   f"{p['pct_peak']:>6.1f}% {p['tokens_per_s']:>9.0f}")
-    for r in results:
         if r["decode_step_s"]:
             rows, cost = zip(*r["decode_step_s"].items())
             line = ", ".join(f"{n} rows {1e3 * c:.2f} ms" for n, c in zip(rows, cost))
